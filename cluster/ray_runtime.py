@@ -1,0 +1,28 @@
+"""Connecting to Ray: an embedded local Ray by default (all of the machine's CPUs), or an existing cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from ..pipelines.recipe import RayConfig
+
+
+def connect(config: RayConfig) -> None:
+    """Start or join Ray as the recipe says. Safe to call when Ray is already up in this process."""
+    if ray.is_initialized():
+        return
+    # The package imports as `domainsynth` from site-packages in every worker; nothing needs shipping.
+    os.environ.setdefault("RAY_ACCEPT_CALLBACK_WARNINGS", "1")
+    if config.address:
+        ray.init(address=config.address, logging_level=logging.WARNING)
+        return
+    ray.init(num_cpus=config.num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=True)
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        ray.shutdown()

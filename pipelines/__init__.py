@@ -1,0 +1,1 @@
+"""What is done: one module per stage, the recipe schema and the stage runner. Imports ``actors``, never ``cluster``."""

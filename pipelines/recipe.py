@@ -1,0 +1,197 @@
+"""The recipe: one YAML file per run, validated with pydantic before any work starts.
+
+Relative input paths are resolved against the recipe file's folder; ``run_dir`` is resolved against the current
+directory. ``--set key=value`` overrides any field (dotted keys; values parsed as YAML scalars).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Annotated, Any, Optional
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .paths import is_uri
+
+
+class RecipeError(ValueError):
+    """A recipe or a CLI override is invalid; the message names the file, the field and what was expected."""
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+PathList = Annotated[list[str], BeforeValidator(_as_list), Field(min_length=1)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(Strict):
+    address: Optional[str] = Field(None, description="Ray cluster address ('auto', 'ray://host:10001'); "
+                                                     "null starts an embedded local Ray.")
+    num_cpus: Optional[int] = Field(None, gt=0, description="CPUs of the embedded local Ray; null = all of them.")
+
+
+class FastTextConfig(Strict):
+    epoch: int = Field(5, gt=0)
+    lr: float = Field(0.1, gt=0)
+    word_ngrams: int = Field(2, ge=1, le=5)
+    dim: int = Field(32, gt=0)
+    bucket: int = Field(262_144, gt=0)
+    min_count: int = Field(2, ge=1)
+    balance_classes: bool = True
+    validation_fraction: float = Field(0.1, ge=0, lt=1)
+    seed: int = 13
+    threads: int = Field(1, ge=1, description="Training threads; 1 keeps training reproducible (fastText's "
+                                              "multi-threaded SGD is not).")
+
+
+class QualityConfig(Strict):
+    scorer: str = Field("heuristic", description="'heuristic', 'none', or 'hf:MODEL' (Hugging Face id or path).")
+    min_score: float = Field(0.8, ge=0, le=1, description="Keep documents whose quality_score is at least this.")
+    max_length: int = Field(512, gt=0, description="hf: tokens per document.")
+    max_score: float = Field(5.0, gt=0, description="hf regression heads: the grade that maps to 1.0.")
+    batch_size: int = Field(32, gt=0, description="hf: documents per forward pass.")
+    num_gpus: float = Field(0.0, ge=0, description="hf: GPUs per scoring actor.")
+    concurrency: int = Field(1, gt=0, description="hf: scoring actors.")
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, value: str) -> str:
+        if value in ("heuristic", "none") or (value.startswith("hf:") and len(value) > 3):
+            return value
+        raise ValueError(f"expected 'heuristic', 'none' or 'hf:MODEL', got {value!r}")
+
+
+class SelectConfig(Strict):
+    in_domain: PathList = Field(description="The small in-domain set (JSONL/Parquet): the classifier's positives.")
+    corpus: PathList = Field(description="The general corpus: files, directories or globs, local or URIs.")
+    text_field: str = "text"
+    in_domain_text_field: Optional[str] = Field(None, description="Text field of the in-domain file; "
+                                                                  "null = text_field.")
+    id_field: str = "id"
+    negatives: Optional[PathList] = Field(None, description="General-text negatives; null = sample the corpus.")
+    negatives_sample: int = Field(20_000, gt=0, description="How many negatives to train on.")
+    classifier: Optional[str] = Field(None, description="A trained fastText model to reuse instead of training.")
+    keep_fraction: Optional[float] = Field(None, gt=0, le=1, description="Keep this top fraction by domain score.")
+    threshold: Optional[float] = Field(None, ge=0, le=1, description="Keep domain_score >= threshold "
+                                                                     "(default 0.5 when keep_fraction is unset).")
+    dedup: bool = Field(True, description="Drop exact duplicates (normalised text hash) among kept documents.")
+    batch_size: int = Field(1024, gt=0, description="Documents per scoring batch.")
+    scorer_concurrency: Optional[int] = Field(None, gt=0, description="fastText scoring actors; null = one per CPU.")
+    fasttext: FastTextConfig = FastTextConfig()
+    quality: QualityConfig = QualityConfig()
+
+    @model_validator(mode="after")
+    def _one_selection_rule(self) -> "SelectConfig":
+        if self.keep_fraction is not None and self.threshold is not None:
+            raise ValueError("set keep_fraction or threshold, not both")
+        return self
+
+    @property
+    def effective_threshold(self) -> Optional[float]:
+        if self.keep_fraction is not None:
+            return None
+        return 0.5 if self.threshold is None else self.threshold
+
+
+class Recipe(Strict):
+    run_dir: str = Field(description="Where the run writes (local path or pyarrow filesystem URI).")
+    ray: RayConfig = RayConfig()
+    select: Optional[SelectConfig] = None
+
+    def stage_fingerprint(self, stage: str) -> str:
+        """Hash of one stage's settings: a finished stage is skipped on rerun only when this matches its marker."""
+        config = getattr(self, stage).model_dump(mode="json")
+        return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+STAGE_ORDER = ("select",)
+_INPUT_PATH_FIELDS = {"select": ("in_domain", "corpus", "negatives", "classifier")}
+
+
+def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> dict:
+    """Apply ``key.sub=value`` overrides to the raw recipe mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"{source} {item!r}: expected KEY=VALUE, e.g. select.keep_fraction=0.1")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise RecipeError(f"{source} {item!r}: empty field name in {key!r}")
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"{source} {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return raw
+
+
+def _resolve_relative(raw: dict, base_dir: str) -> dict:
+    for stage, fields in _INPUT_PATH_FIELDS.items():
+        section = raw.get(stage)
+        if not isinstance(section, dict):
+            continue
+        for name in fields:
+            value = section.get(name)
+            if isinstance(value, str):
+                section[name] = _absolute(value, base_dir)
+            elif isinstance(value, list):
+                section[name] = [_absolute(v, base_dir) if isinstance(v, str) else v for v in value]
+    return raw
+
+
+def _absolute(path: str, base_dir: str) -> str:
+    if is_uri(path) or os.path.isabs(path):
+        return path
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
+
+
+def build_recipe(raw: Any, source: str, base_dir: str, overrides: list[str] = ()) -> Recipe:
+    """Validate a raw mapping (plus overrides) into a Recipe; errors name ``source`` and the field."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: expected a mapping of recipe fields at the top level, got {type(raw).__name__}")
+    raw = apply_overrides(raw, list(overrides))
+    raw = _resolve_relative(raw, base_dir)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(source, e)) from None
+
+
+def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    return build_recipe(raw, path, os.path.dirname(os.path.abspath(path)), overrides)
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    lines = [f"{source}: invalid recipe"]
+    for err in error.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling; see docs/recipes.md)"
+        elif err["type"] == "missing":
+            message = "required field is missing"
+        got = err.get("input")
+        suffix = f" (got {got!r})" if err["type"] not in ("missing", "extra_forbidden") and not isinstance(got, dict) else ""
+        lines.append(f"  {field}: {message}{suffix}")
+    return "\n".join(lines)

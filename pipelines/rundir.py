@@ -1,0 +1,81 @@
+"""The run-directory contract: ``<run>/<stage>/{data/*.parquet, report.json, report.md, quarantine.jsonl}`` and a
+completion marker written last. Works for local paths and pyarrow filesystem URIs alike."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
+
+from . import paths
+
+MARKER = "_COMPLETE.json"
+
+
+@dataclass(frozen=True)
+class StageDir:
+    uri: str  # as the user wrote it (local path or URI); used for Ray Data reads and writes
+
+    @property
+    def fs_path(self) -> tuple[pafs.FileSystem, str]:
+        return paths.resolve(self.uri)
+
+    def child(self, *parts: str) -> str:
+        return paths.join(self.uri, *parts)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        fs, root = self.fs_path
+        fs.create_dir(root, recursive=True)
+        with fs.open_output_stream(f"{root}/{name}") as f:
+            f.write(data)
+
+    def write_text(self, name: str, text: str) -> None:
+        self.write_bytes(name, text.encode("utf-8"))
+
+    def write_json(self, name: str, obj) -> None:
+        self.write_text(name, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+    def write_jsonl(self, name: str, rows) -> None:
+        self.write_text(name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+    def read_json(self, name: str):
+        fs, root = self.fs_path
+        try:
+            with fs.open_input_stream(f"{root}/{name}") as f:
+                return json.loads(f.read().decode("utf-8"))
+        except (FileNotFoundError, OSError, json.JSONDecodeError):
+            return None
+
+    def exists(self, name: str) -> bool:
+        fs, root = self.fs_path
+        return fs.get_file_info(f"{root}/{name}").type != pafs.FileType.NotFound
+
+    def clear(self) -> None:
+        """Remove whatever an interrupted attempt left, so the stage is redone from scratch."""
+        fs, root = self.fs_path
+        if fs.get_file_info(root).type == pafs.FileType.Directory:
+            fs.delete_dir_contents(root)
+        fs.create_dir(root, recursive=True)
+
+    def delete(self, name: str) -> None:
+        fs, root = self.fs_path
+        target = f"{root}/{name}"
+        info = fs.get_file_info(target)
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(target)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(target)
+
+    def completed_with(self, fingerprint: str) -> bool:
+        marker = self.read_json(MARKER)
+        return bool(marker) and marker.get("fingerprint") == fingerprint
+
+    def mark_complete(self, fingerprint: str) -> None:
+        self.write_json(MARKER, {"fingerprint": fingerprint})
+
+
+def read_file_bytes(path: str) -> bytes:
+    fs, p = paths.resolve(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()

@@ -1,0 +1,55 @@
+"""The stage runner: stages in order, skipping finished ones whose marker matches the recipe, redoing the rest."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from .recipe import STAGE_ORDER, Recipe
+from .rundir import StageDir
+from .select import run_select
+
+log = logging.getLogger("domainsynth")
+
+STAGES: dict[str, Callable] = {"select": run_select}
+
+
+def preflight(recipe: Recipe) -> None:
+    """Fail before any work starts when an input names nothing readable (raises FileNotFoundError/ValueError)."""
+    from .corpus import SUPPORTED_SUFFIXES
+    from .paths import expand_inputs, resolve
+
+    if recipe.select is not None:
+        s = recipe.select
+        for field, specs in (("select.in_domain", s.in_domain), ("select.corpus", s.corpus),
+                             ("select.negatives", s.negatives)):
+            if specs:
+                try:
+                    expand_inputs(specs, SUPPORTED_SUFFIXES)
+                except (FileNotFoundError, ValueError) as e:
+                    raise type(e)(f"{field}: {e}") from None
+        if s.classifier:
+            fs, path = resolve(s.classifier)
+            if fs.get_file_info(path).type.name != "File":
+                raise FileNotFoundError(f"select.classifier: no file at {s.classifier!r}")
+
+
+def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print) -> dict[str, dict]:
+    """Run every stage the recipe configures; returns each stage's report."""
+    reports = {}
+    for name in STAGE_ORDER:
+        config = getattr(recipe, name)
+        if config is None:
+            continue
+        stage = StageDir(f"{recipe.run_dir.rstrip('/')}/{name}")
+        fingerprint = recipe.stage_fingerprint(name)
+        if stage.completed_with(fingerprint):
+            echo(f"[{name}] already complete in {stage.uri} (recipe unchanged): skipped")
+            reports[name] = stage.read_json("report.json")
+            continue
+        # Anything left by an interrupted attempt is removed: the stage is redone, never appended to.
+        stage.clear()
+        echo(f"[{name}] running -> {stage.uri}")
+        reports[name] = STAGES[name](config, stage)
+        stage.mark_complete(fingerprint)
+    return reports

@@ -1,0 +1,346 @@
+"""TRAIT step 1 — in-domain data selection.
+
+1. Train a fastText classifier: positives are the user's in-domain examples, negatives a random sample of the
+   general corpus (or a negatives file). It trains in a fresh process and is saved as ``classifier.bin``.
+2. Score every corpus document on Ray Data workers: ``domain_score`` = P(in-domain) from an actor pool that loads
+   the model once per worker, and ``quality_score`` (educational value) from a pluggable scorer.
+3. Keep the top fraction (or everything above a threshold) by domain score, then those of good quality, then drop
+   exact duplicates, and write ``data/*.parquet``, ``quarantine.jsonl`` and the report.
+
+A top-fraction cut needs every score before it can choose, so the corpus is read twice: the scoring pass keeps
+only the per-row scores (``_scores/``, a few columns), and the writing pass re-reads the corpus and keeps the chosen
+rows. Re-reading is cheap next to scoring, and no copy of the corpus text is staged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+import zlib
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import ray
+from ray.data import ActorPoolStrategy
+
+from ..actors.fasttext_domain import FastTextDomainScorer, FastTextParams, train_classifier
+from ..actors.quality import HeuristicQualityScorer, HFQualityScorer
+from . import corpus
+from .corpus import CorpusSpec, read_corpus, read_texts_locally
+from .recipe import SelectConfig
+from .report import markdown_table, score_histogram_png, write_report
+from .rundir import StageDir, read_file_bytes
+
+TEXT_HASH = "_text_hash"
+N_WORDS = "_n_words"
+SCORED = "_scores"
+CLASSIFIER_FILE = "classifier.bin"
+
+
+class SelectError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------- step 1: train
+@ray.remote(max_calls=1)  # a fresh worker process per training: the fastText wheel cannot train twice in one process
+def _train_in_fresh_process(positives, negatives, params: FastTextParams):
+    return train_classifier(positives, negatives, params)
+
+
+def sample_negatives(cfg: SelectConfig, n: int, seed: int) -> list[str]:
+    """Up to ``n`` texts drawn uniformly from the negatives file, or from the corpus itself."""
+    if cfg.negatives:
+        texts, _ = read_texts_locally(CorpusSpec(cfg.negatives, cfg.text_field, cfg.id_field))
+        return random.Random(seed).sample(texts, min(n, len(texts)))
+    ds = read_corpus(CorpusSpec(cfg.corpus, cfg.text_field, cfg.id_field))
+    estimated_rows = estimate_rows(cfg)
+    fraction = min(1.0, 1.5 * n / max(estimated_rows, 1))
+    if fraction < 1.0:
+        ds = ds.random_sample(fraction, seed=seed)
+    sampled = ds.map_batches(_texts_only, fn_kwargs={"text_field": cfg.text_field}, batch_format="pyarrow")
+    texts = [row["text"] for row in sampled.take_all()]
+    random.Random(seed).shuffle(texts)
+    return texts[:n]
+
+
+def _texts_only(batch: pa.Table, text_field: str) -> pa.Table:
+    valid = pc.is_null(batch.column(corpus.QUARANTINE_REASON))
+    return pa.table({"text": batch.filter(valid).column(text_field)})
+
+
+def estimate_rows(cfg: SelectConfig) -> int:
+    """Rows in the corpus, estimated from file sizes and the bytes per row of the first file's head."""
+    from .paths import expand_inputs
+
+    fs, files = expand_inputs(cfg.corpus, corpus.SUPPORTED_SUFFIXES)
+    sizes = [fs.get_file_info(f.path).size or 0 for f in files]
+    first = files[0].path
+    if first.endswith(corpus.PARQUET_SUFFIXES):
+        import pyarrow.parquet as pq
+
+        with fs.open_input_file(first) as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
+        return int(rows * sum(sizes) / max(sizes[0], 1))
+    with fs.open_input_stream(first, compression=None) as raw:
+        head = raw.read(1 << 22)
+    consumed = len(head)
+    if first.endswith(".gz"):  # lines per *compressed* byte, from a partial decompression of the head
+        head = zlib.decompressobj(wbits=31).decompress(head)
+    lines = max(head.count(b"\n"), 1)
+    return int(sum(sizes) * lines / max(consumed, 1))
+
+
+def obtain_classifier(cfg: SelectConfig, stage: StageDir, quarantine: list[dict]) -> tuple[bytes, dict]:
+    if cfg.classifier:
+        model_bytes = read_file_bytes(cfg.classifier)
+        info = {"reused": cfg.classifier}
+    else:
+        positives, bad = read_texts_locally(
+            CorpusSpec(cfg.in_domain, cfg.in_domain_text_field or cfg.text_field, cfg.id_field))
+        quarantine.extend({"input": "in_domain", **b} for b in bad)
+        if len(positives) < 10:
+            raise SelectError(f"select.in_domain: need at least 10 usable in-domain texts, found {len(positives)}")
+        negatives = sample_negatives(cfg, cfg.negatives_sample, cfg.fasttext.seed)
+        if len(negatives) < 10:
+            raise SelectError(f"select: need at least 10 negatives, found {len(negatives)}")
+        params = FastTextParams(**cfg.fasttext.model_dump())
+        # fastText occasionally reports "Encountered NaN"; a retry runs in a new process (max_calls=1).
+        trained = ray.get(_train_in_fresh_process.options(num_cpus=min(params.threads, _cluster_cpus()), max_retries=2,
+                                                          retry_exceptions=[RuntimeError])
+                          .remote(positives, negatives, params))
+        model_bytes, info = trained.model_bytes, trained.metrics
+        info["in_domain_rows_quarantined"] = len(bad)
+    stage.write_bytes(CLASSIFIER_FILE, model_bytes)
+    return model_bytes, info
+
+
+# --------------------------------------------------------------------------------------------------- step 2: score
+def add_dedup_columns(batch: pa.Table, text_field: str) -> pa.Table:
+    """A 64-bit hash of the normalised text (lower case, punctuation and spacing folded) and the word count."""
+    texts = batch.column(text_field)
+    normalised = pc.utf8_trim_whitespace(pc.replace_substring_regex(pc.utf8_lower(texts), r"[^\pL\pN_]+", " "))
+    hashes = [None if t is None else int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little",
+                                                      signed=True)
+              for t in normalised.to_pylist()]
+    words = pa.array([None if t is None else len(t.split()) for t in texts.to_pylist()], pa.int64())
+    return batch.append_column(TEXT_HASH, pa.array(hashes, pa.int64())).append_column(N_WORDS, words)
+
+
+def add_heuristic_quality(batch: pa.Table, text_field: str) -> pa.Table:
+    return HeuristicQualityScorer(text_field)(batch)
+
+
+def _cluster_cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+SCORE_COLUMNS = [corpus.ORDER, corpus.SOURCE_FILE, corpus.SOURCE_LINE, corpus.QUARANTINE_REASON, corpus.RAW,
+                 "domain_score", "quality_score", TEXT_HASH, N_WORDS]
+
+
+def keep_score_columns(batch: pa.Table) -> pa.Table:
+    return batch.select([c for c in SCORE_COLUMNS if c in batch.column_names])
+
+
+def score_corpus(cfg: SelectConfig, model_bytes: bytes, scored_uri: str) -> None:
+    cpus = _cluster_cpus()
+    ds = read_corpus(CorpusSpec(cfg.corpus, cfg.text_field, cfg.id_field))
+    # Cheap per-row work runs as tasks fused into the read; model-holding work runs in actor pools.
+    ds = ds.map_batches(add_dedup_columns, fn_kwargs={"text_field": cfg.text_field}, batch_format="pyarrow",
+                        batch_size=None)
+    if cfg.quality.scorer == "heuristic":
+        ds = ds.map_batches(add_heuristic_quality, fn_kwargs={"text_field": cfg.text_field}, batch_format="pyarrow",
+                            batch_size=None)
+    ds = ds.map_batches(
+        FastTextDomainScorer,
+        fn_constructor_kwargs={"model_bytes": ray.put(model_bytes), "text_field": cfg.text_field},
+        compute=ActorPoolStrategy(min_size=1, max_size=cfg.scorer_concurrency or cpus),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+    )
+    if cfg.quality.scorer.startswith("hf:"):
+        q = cfg.quality
+        ds = ds.map_batches(
+            HFQualityScorer,
+            fn_constructor_kwargs={"model": q.scorer[3:], "text_field": cfg.text_field, "max_length": q.max_length,
+                                   "max_score": q.max_score, "batch_size": q.batch_size},
+            compute=ActorPoolStrategy(size=q.concurrency),
+            num_gpus=q.num_gpus or None,
+            batch_size=max(q.batch_size * 4, 64),
+            batch_format="pyarrow",
+        )
+    ds.map_batches(keep_score_columns, batch_format="pyarrow", batch_size=None).write_parquet(scored_uri)
+
+
+# --------------------------------------------------------------------------------------------------- step 3: keep
+def choose_rows(scores: pa.Table, cfg: SelectConfig) -> tuple[np.ndarray, dict, dict]:
+    """Decide which rows to keep from the per-row scores; returns the keep mask, filtered counts and thresholds."""
+    order = scores.column(corpus.ORDER).to_numpy()
+    valid = pc.is_null(scores.column(corpus.QUARANTINE_REASON)).to_numpy(zero_copy_only=False)
+    domain = scores.column("domain_score").to_numpy(zero_copy_only=False).astype(np.float64)
+    domain = np.where(valid, domain, -np.inf)
+    n_valid = int(valid.sum())
+
+    if cfg.keep_fraction is not None:
+        k = math.ceil(cfg.keep_fraction * n_valid)
+        # Exactly k rows: highest score first, ties broken by corpus position so reruns choose the same rows.
+        ranked = np.lexsort((order, -domain))
+        keep_domain = np.zeros(len(order), dtype=bool)
+        keep_domain[ranked[:k]] = True
+        keep_domain &= valid
+        threshold = float(domain[ranked[k - 1]]) if k else 1.0
+    else:
+        threshold = cfg.effective_threshold
+        keep_domain = valid & (domain >= threshold)
+
+    keep_quality = keep_domain.copy()
+    if cfg.quality.scorer != "none":
+        quality = scores.column("quality_score").to_numpy(zero_copy_only=False).astype(np.float64)
+        keep_quality &= np.nan_to_num(quality, nan=-1.0) >= cfg.quality.min_score
+
+    keep = keep_quality.copy()
+    if cfg.dedup:
+        idx = np.flatnonzero(keep_quality)
+        idx = idx[np.argsort(order[idx], kind="stable")]
+        hashes = scores.column(TEXT_HASH).to_numpy(zero_copy_only=False)[idx]
+        _, first = np.unique(hashes, return_index=True)
+        keep = np.zeros(len(order), dtype=bool)
+        keep[idx[first]] = True
+
+    filtered = {
+        "low_domain_score": int(valid.sum() - keep_domain.sum()),
+        "low_quality": int(keep_domain.sum() - keep_quality.sum()),
+        "duplicate": int(keep_quality.sum() - keep.sum()),
+    }
+    thresholds = {"domain_threshold": threshold, "keep_fraction": cfg.keep_fraction,
+                  "min_quality": cfg.quality.min_score if cfg.quality.scorer != "none" else None}
+    return keep, filtered, thresholds
+
+
+def keep_selected(batch: pa.Table, kept) -> pa.Table:
+    """The chosen rows of a freshly read corpus batch, with the scores the scoring pass gave them."""
+    if isinstance(kept, ray.ObjectRef):
+        kept = ray.get(kept)
+    position = pc.index_in(batch.column(corpus.ORDER), value_set=kept.column(corpus.ORDER))
+    mask = pc.is_valid(position)
+    rows = batch.filter(mask)
+    scores = kept.take(position.filter(mask))
+    internal = [c for c in (corpus.ORDER, corpus.QUARANTINE_REASON, corpus.RAW) if c in rows.column_names]
+    rows = rows.drop_columns(internal)
+    for name in ("domain_score", "quality_score"):
+        if name in scores.column_names:
+            rows = rows.append_column(name, scores.column(name))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- the stage
+def run_select(cfg: SelectConfig, stage: StageDir) -> dict:
+    started = time.perf_counter()
+    phases: dict[str, float] = {}
+    quarantine: list[dict] = []
+
+    t = time.perf_counter()
+    model_bytes, classifier_info = obtain_classifier(cfg, stage, quarantine)
+    phases["classifier"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    scored_uri = stage.child(SCORED)
+    score_corpus(cfg, model_bytes, scored_uri)
+    phases["read_and_score"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    fs, scored_path = StageDir(scored_uri).fs_path
+    columns = [c for c in SCORE_COLUMNS if cfg.quality.scorer != "none" or c != "quality_score"]
+    scores = pads.dataset(scored_path, filesystem=fs, format="parquet").to_table(columns=columns)
+    keep_mask, filtered, chosen = choose_rows(scores, cfg)
+    phases["choose"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    data_uri = stage.child("data")
+    kept = scores.filter(pa.array(keep_mask)).select(
+        [c for c in (corpus.ORDER, "domain_score", "quality_score") if c in scores.column_names])
+    (read_corpus(CorpusSpec(cfg.corpus, cfg.text_field, cfg.id_field))
+        .map_batches(keep_selected, fn_kwargs={"kept": ray.put(kept)}, batch_format="pyarrow", batch_size=None)
+        .write_parquet(data_uri))
+    phases["write"] = time.perf_counter() - t
+
+    bad = scores.filter(pc.is_valid(scores.column(corpus.QUARANTINE_REASON)))
+    quarantine.extend({"input": "corpus", "file": r[corpus.SOURCE_FILE], "line": r[corpus.SOURCE_LINE],
+                       "reason": r[corpus.QUARANTINE_REASON], "raw": r[corpus.RAW]}
+                      for r in bad.select([corpus.SOURCE_FILE, corpus.SOURCE_LINE, corpus.QUARANTINE_REASON,
+                                           corpus.RAW]).to_pylist())
+    stage.write_jsonl("quarantine.jsonl", quarantine)
+    rows_written = _count_rows(data_uri)
+    stage.delete(SCORED)
+
+    seconds = time.perf_counter() - started
+    words = scores.column(N_WORDS).to_numpy(zero_copy_only=False)
+    domain = scores.column("domain_score").to_numpy(zero_copy_only=False)
+    valid = pc.is_null(scores.column(corpus.QUARANTINE_REASON)).to_numpy(zero_copy_only=False)
+    report = {
+        "stage": "select",
+        "rows_in": scores.num_rows,
+        "rows_out": int(keep_mask.sum()),
+        "rows_quarantined": bad.num_rows,
+        "rows_filtered": filtered,
+        "seconds": round(seconds, 3),
+        "docs_per_second": round(scores.num_rows / max(phases["read_and_score"] + phases["choose"] + phases["write"], 1e-9), 1),
+        "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
+        "thresholds": chosen,
+        "quality_scorer": cfg.quality.scorer,
+        "tokens_kept": int(np.nansum(words[keep_mask].astype(np.float64))),
+        "token_unit": "whitespace-separated words",
+        "in_domain_rows_quarantined": sum(1 for q in quarantine if q.get("input") == "in_domain"),
+        "classifier": classifier_info,
+        "outputs": {"data": data_uri, "classifier": stage.child(CLASSIFIER_FILE),
+                    "quarantine": stage.child("quarantine.jsonl")},
+    }
+    if rows_written != report["rows_out"]:
+        raise SelectError(f"wrote {rows_written} rows but chose {report['rows_out']}")
+    if valid.any():
+        png = score_histogram_png(domain[valid].astype(np.float64), keep_mask[valid], chosen["domain_threshold"],
+                                  "select: domain scores of the corpus")
+        stage.write_bytes("domain_scores.png", png)
+    write_report(stage, report, render_markdown(report))
+    return report
+
+
+def _count_rows(uri: str) -> int:
+    fs, path = StageDir(uri).fs_path
+    try:
+        return pads.dataset(path, filesystem=fs, format="parquet").count_rows()
+    except (FileNotFoundError, pa.ArrowInvalid):
+        return 0
+
+
+def render_markdown(report: dict) -> str:
+    t = report["thresholds"]
+    f = report["rows_filtered"]
+    clf = report["classifier"]
+    counts = markdown_table([
+        ("rows in", report["rows_in"]), ("rows out (kept)", report["rows_out"]),
+        ("filtered: low domain score", f["low_domain_score"]), ("filtered: low quality", f["low_quality"]),
+        ("filtered: duplicate", f["duplicate"]), ("quarantined", report["rows_quarantined"]),
+        ("tokens kept (words)", report["tokens_kept"]),
+        ("seconds", report["seconds"]), ("documents / second", report["docs_per_second"]),
+    ])
+    rule = (f"top {t['keep_fraction']:.2%} by domain score (score cut {t['domain_threshold']:.4f})"
+            if t["keep_fraction"] is not None else f"domain_score >= {t['domain_threshold']}")
+    lines = [
+        "# select — in-domain data selection (TRAIT step 1)", "",
+        f"Kept: {rule}; quality scorer `{report['quality_scorer']}`"
+        + (f", quality_score >= {t['min_quality']}" if t["min_quality"] is not None else "") + "; exact dedup.", "",
+        counts, "", "![domain scores](domain_scores.png)", "",
+        "## Classifier", "",
+    ]
+    if "reused" in clf:
+        lines.append(f"Reused `{clf['reused']}`.")
+    else:
+        lines.append(markdown_table([(k, v) for k, v in clf.items()]))
+    lines += ["", "## Phases (seconds)", "", markdown_table(list(report["phase_seconds"].items())), ""]
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""Shared fixtures: a real local Ray (2 CPUs, like CI) and the bundled real data (tests/data, see SOURCE.md)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import ray
+
+from domainsynth.pipelines.recipe import build_recipe
+from domainsynth.pipelines.runner import run_recipe
+
+DATA = Path(__file__).parent / "data"
+BIOMEDICAL_POOL_SUBSETS = {"PubMed Central", "PubMed Abstracts", "NIH ExPorter"}
+
+
+def read_jsonl_gz(path: Path) -> list[dict]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wt", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the whole session (no mocks of Ray)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def medical_abstracts() -> list[dict]:
+    rows = read_jsonl_gz(DATA / "medical_abstracts.jsonl.gz")
+    random.Random(0).shuffle(rows)
+    return rows
+
+
+@pytest.fixture(scope="session")
+def general_pool() -> list[dict]:
+    return read_jsonl_gz(DATA / "general_pool.jsonl.gz")
+
+
+@pytest.fixture(scope="session")
+def hidden_corpus(tmp_path_factory, medical_abstracts, general_pool):
+    """500 abstracts to seed the classifier; the other 2,388 hidden in the 9,590-document general pool (4 shards)."""
+    root = tmp_path_factory.mktemp("hidden")
+    seeds, hidden = medical_abstracts[:500], medical_abstracts[500:]
+    write_jsonl(root / "in_domain.jsonl", [{"id": r["id"], "text": r["text"]} for r in seeds])
+    corpus = [{"id": r["id"], "text": r["text"], "source": "hidden", "subsource": r["label"]} for r in hidden]
+    corpus += general_pool
+    random.Random(1).shuffle(corpus)
+    for shard in range(4):
+        write_jsonl(root / "corpus" / f"part-{shard}.jsonl.gz", corpus[shard::4])
+    return {"root": root, "in_domain": root / "in_domain.jsonl", "corpus": root / "corpus",
+            "hidden_ids": {r["id"] for r in hidden},
+            "pool_biomedical_ids": {r["id"] for r in general_pool if r.get("subsource") in BIOMEDICAL_POOL_SUBSETS},
+            "rows": len(corpus)}
+
+
+@pytest.fixture(scope="session")
+def classifier(ray_local, hidden_corpus, tmp_path_factory):
+    """Train once through the stage itself; the quarantine tests reuse it (--classifier)."""
+    run_dir = tmp_path_factory.mktemp("clf")
+    recipe = build_recipe({"run_dir": str(run_dir), "select": {
+        "in_domain": str(hidden_corpus["in_domain"]), "corpus": str(hidden_corpus["corpus"] / "part-0.jsonl.gz"),
+        "negatives_sample": 2000, "quality": {"scorer": "none"}}}, "test", "/")
+    run_recipe(recipe, echo=lambda _: None)
+    return run_dir / "select" / "classifier.bin"

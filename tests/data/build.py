@@ -1,0 +1,51 @@
+"""Rebuild the bundled test and example data from the project's shared datasets (run from the repo root).
+
+    python tests/data/build.py ../shared/data
+
+The outputs are committed; this script documents exactly how they were made (see SOURCE.md for origins/licences).
+"""
+
+import csv
+import gzip
+import json
+import random
+import sys
+from pathlib import Path
+
+shared = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data")
+here = Path(__file__).parent
+examples = here.parent.parent / "examples" / "data"
+
+labels = {r["condition_label"]: r["condition_name"]
+          for r in csv.DictReader(open(shared / "medical_abstracts" / "medical_tc_labels.csv"))}
+abstracts = [
+    {"id": f"medabs-{i}", "text": r["medical_abstract"], "label": labels[r["condition_label"]]}
+    for i, r in enumerate(csv.DictReader(open(shared / "medical_abstracts" / "medical_tc_test.csv", newline="")))
+]
+pool = [json.loads(line) for line in open(shared / "general_web" / "general_pool.jsonl")]
+
+
+def write_jsonl_gz(path, rows):
+    with gzip.open(path, "wt", encoding="utf-8", compresslevel=9) as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+write_jsonl_gz(here / "medical_abstracts.jsonl.gz", abstracts)
+write_jsonl_gz(here / "general_pool.jsonl.gz", pool)
+
+# The quickstart: 300 abstracts teach the classifier; 300 others hide among 2,700 general web documents.
+rng = random.Random(2026)
+shuffled = abstracts[:]
+rng.shuffle(shuffled)
+seeds, hidden = shuffled[:300], shuffled[300:600]
+general = rng.sample(pool, 2700)
+with open(examples / "medical_in_domain.jsonl", "w", encoding="utf-8") as f:
+    for r in seeds:
+        f.write(json.dumps({"id": r["id"], "text": r["text"]}, ensure_ascii=False) + "\n")
+corpus = [{"id": r["id"], "text": r["text"], "source": "hidden_medical_abstract", "subsource": r["label"]}
+          for r in hidden] + general
+rng.shuffle(corpus)
+for shard in range(3):
+    write_jsonl_gz(examples / "corpus" / f"web-{shard:03d}.jsonl.gz", corpus[shard::3])
+print(len(abstracts), "abstracts,", len(pool), "pool docs,", len(corpus), "quickstart corpus docs")
