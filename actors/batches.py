@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa

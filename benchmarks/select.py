@@ -19,7 +19,6 @@ import argparse
 import gzip
 import json
 import random
-import resource
 import subprocess
 import tempfile
 import threading

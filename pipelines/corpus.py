@@ -204,7 +204,7 @@ def read_texts_locally(spec: CorpusSpec, limit: int | None = None) -> tuple[list
     texts, bad = [], []
     for i, f in enumerate(files):
         if f.path.endswith(PARQUET_SUFFIXES):
-            handle, records = filesystem.open_input_file(f.path), None
+            handle = filesystem.open_input_file(f.path)
             records = _parquet_records(handle, spec.text_field)
         else:
             compression = "gzip" if f.path.endswith(".gz") else None

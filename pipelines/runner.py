@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 from .recipe import STAGE_ORDER, Recipe
 from .rundir import StageDir
 from .select import run_select
-
-log = logging.getLogger("domainsynth")
 
 STAGES: dict[str, Callable] = {"select": run_select}
 

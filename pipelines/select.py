@@ -19,7 +19,6 @@ import math
 import random
 import time
 import zlib
-from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
