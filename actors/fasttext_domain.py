@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from .batches import append_score_column
 
 IN_DOMAIN_LABEL = "__label__in"
 GENERAL_LABEL = "__label__out"
@@ -25,12 +24,15 @@ MAX_CHARS = 6000
 _PUNCTUATION = r"""([.,;:!?()\[\]"'])"""
 
 
-def normalise_for_fasttext(texts: list[str] | pa.Array) -> list[str]:
-    """Lower-case, split punctuation from words and put each document on one line (vectorised with Arrow)."""
-    t = pc.utf8_slice_codeunits(pa.array(texts, pa.string()), 0, MAX_CHARS)
-    t = pc.replace_substring_regex(pc.utf8_lower(t), _PUNCTUATION, r" \1 ")
-    t = pc.utf8_trim_whitespace(pc.replace_substring_regex(t, r"\s+", " "))
-    return t.to_pylist()
+def normalise_text(texts: list[str] | pa.Array) -> pa.Array:
+    """The text as the classifier sees it: lower case, punctuation split from words, all on one line (vectorised with
+    Arrow; nulls stay null). The select stage also hashes it for exact dedup, so it is computed once per document."""
+    t = pc.replace_substring_regex(pc.utf8_lower(pa.array(texts, pa.string())), _PUNCTUATION, r" \1 ")
+    return pc.utf8_trim_whitespace(pc.replace_substring_regex(t, r"\s+", " "))
+
+
+def classifier_input(normalised: pa.Array) -> list[str]:
+    return pc.utf8_slice_codeunits(normalised, 0, MAX_CHARS).to_pylist()
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,8 @@ def _write_training_file(path: str, positives: list[str], negatives: list[str], 
     pos = list(positives)
     if params.balance_classes and pos and len(negatives) > len(pos):
         pos = pos * (len(negatives) // len(pos)) + rng.sample(pos, len(negatives) % len(pos))
-    lines = [f"{IN_DOMAIN_LABEL} {t}" for t in normalise_for_fasttext(pos)]
-    lines += [f"{GENERAL_LABEL} {t}" for t in normalise_for_fasttext(negatives)]
+    lines = [f"{IN_DOMAIN_LABEL} {t}" for t in classifier_input(normalise_text(pos))]
+    lines += [f"{GENERAL_LABEL} {t}" for t in classifier_input(normalise_text(negatives))]
     rng.shuffle(lines)
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
@@ -131,17 +133,18 @@ def load_model(model_bytes: bytes):
 
 def predict_in_domain_probability(model, texts: list[str]) -> np.ndarray:
     """P(in-domain) for each text, in [0, 1]."""
-    if not texts:
+    return predict_normalised(model, classifier_input(normalise_text(texts)))
+
+
+def predict_normalised(model, lines: list[str]) -> np.ndarray:
+    """P(in-domain) for texts already passed through ``normalise_text`` and ``classifier_input``."""
+    if not lines:
         return np.zeros(0, dtype=np.float32)
-    labels, probs = model.predict(normalise_for_fasttext(texts), k=2)
-    scores = np.empty(len(texts), dtype=np.float32)
-    for i, (row_labels, row_probs) in enumerate(zip(labels, probs)):
-        p = dict(zip(row_labels, row_probs))
-        if IN_DOMAIN_LABEL in p:
-            scores[i] = p[IN_DOMAIN_LABEL]
-        else:
-            scores[i] = 1.0 - p.get(GENERAL_LABEL, 1.0)
-    return np.clip(scores, 0.0, 1.0)
+    # k=1: with two labels, P(in) is the top probability or its complement.
+    labels, probs = model.predict(lines, k=1)
+    top = np.fromiter((p[0] if len(p) else 0.0 for p in probs), dtype=np.float32, count=len(lines))
+    is_in = np.fromiter((bool(l) and l[0] == IN_DOMAIN_LABEL for l in labels), dtype=bool, count=len(lines))
+    return np.clip(np.where(is_in, top, 1.0 - top), 0.0, 1.0)
 
 
 class FastTextDomainScorer:
@@ -153,7 +156,15 @@ class FastTextDomainScorer:
         self.model = load_model(model_bytes)
         self.text_field = text_field
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return append_score_column(batch, self.text_field, "domain_score",
-                                   lambda texts: predict_in_domain_probability(self.model, texts))
+    def score_normalised(self, normalised: pa.Array) -> pa.Array:
+        """Domain scores for an array of ``normalise_text`` output; nulls stay null."""
+        present = pc.is_valid(normalised)
+        scores = np.full(len(normalised), np.nan, dtype=np.float32)
+        idx = np.flatnonzero(present.to_numpy(zero_copy_only=False))
+        if len(idx):
+            scores[idx] = predict_normalised(self.model, classifier_input(normalised.take(pa.array(idx))))
+        return pa.array(scores, mask=np.isnan(scores), type=pa.float32())
 
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        normalised = normalise_text(batch.column(self.text_field).combine_chunks())
+        return batch.append_column("domain_score", self.score_normalised(normalised))

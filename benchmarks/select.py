@@ -119,8 +119,8 @@ def timed(cmd: list[str]) -> tuple[float, float, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--docs", type=int, default=500_000)
-    parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--docs", type=int, default=2_000_000)
+    parser.add_argument("--shards", type=int, default=32)
     parser.add_argument("--quality", default="none", help="select's quality scorer (the baseline has none)")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()

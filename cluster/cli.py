@@ -130,7 +130,7 @@ def summarise(reports: dict[str, dict], run_dir: str) -> str:
         f = sel["rows_filtered"]
         lines.append(
             f"  select: kept {sel['rows_out']:,} of {sel['rows_in']:,} documents "
-            f"({sel['tokens_kept']:,} words); filtered {f['low_domain_score']:,} low domain score, "
+            f"({sel['tokens_kept']:,} tokens); filtered {f['low_domain_score']:,} low domain score, "
             f"{f['low_quality']:,} low quality, {f['duplicate']:,} duplicates; quarantined "
             f"{sel['rows_quarantined']:,}; {sel['docs_per_second']:,.0f} docs/s")
         lines.append(f"    data:   {sel['outputs']['data']}")

@@ -7,11 +7,15 @@ null, so that the stage can write it to ``quarantine.jsonl`` with file, line and
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import ray
 from ray.data.datasource import FileBasedDatasource
@@ -45,11 +49,19 @@ class CorpusDatasource(FileBasedDatasource):
 
     _FILE_EXTENSIONS = [s.lstrip(".") for s in SUPPORTED_SUFFIXES]
 
-    def __init__(self, files: list[InputFile], filesystem, text_field: str, id_field: str):
-        super().__init__([f.path for f in files], filesystem=filesystem)
+    def __init__(self, files: list[InputFile], filesystem, text_field: str, id_field: str,
+                 wanted_rows: ray.ObjectRef | None = None, wanted_files: set[int] | None = None):
+        """``wanted_rows``: optionally, a reference to {file index: table of ``line`` numbers and columns to attach},
+        with ``wanted_files`` its keys; only those files are opened and only those rows parsed, and they come back
+        with the attached columns (the select stage's writing pass reads back the rows it chose, with their scores).
+        Files keep their index in ``files`` either way."""
         self._file_keys = {f.path: (i, f.key) for i, f in enumerate(files)}
+        if wanted_files is not None:
+            files = [f for i, f in enumerate(files) if i in wanted_files]
+        super().__init__([f.path for f in files], filesystem=filesystem)
         self._text_field = text_field
         self._id_field = id_field
+        self._wanted_rows = wanted_rows
 
     def _open_input_source(self, filesystem, path: str, **open_args):
         if path.endswith(PARQUET_SUFFIXES):  # Parquet needs random access, not a stream
@@ -58,14 +70,20 @@ class CorpusDatasource(FileBasedDatasource):
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         file_index, key = self._lookup(path)
-        builder = _BlockBuilder(file_index, key, self._text_field, self._id_field)
-        records = _parquet_records(f, self._text_field) if path.endswith(PARQUET_SUFFIXES) else _jsonl_records(f)
-        for line_number, record, reason, raw in records:
-            builder.add(line_number, record, reason, raw)
-            if builder.size >= ROWS_PER_BLOCK:
-                yield builder.flush()
-        if builder.size:
-            yield builder.flush()
+        blocks = _FileBlocks(file_index, key, self._text_field, self._id_field)
+        if self._wanted_rows is None:
+            yield from blocks.parquet(f) if path.endswith(PARQUET_SUFFIXES) else blocks.jsonl(f)
+            return
+        wanted = ray.get(self._wanted_rows).get(file_index)
+        if wanted is None:
+            return
+        lines = wanted.column("line").to_numpy()
+        attached = [c for c in wanted.column_names if c != "line"]
+        for block in blocks.parquet(f, lines) if path.endswith(PARQUET_SUFFIXES) else blocks.jsonl(f, lines):
+            position = pc.index_in(block.column(SOURCE_LINE), value_set=wanted.column("line"))
+            for name in attached:
+                block = block.append_column(name, wanted.column(name).take(position))
+            yield block
 
     def _lookup(self, path: str) -> tuple[int, str]:
         if path in self._file_keys:
@@ -76,27 +94,143 @@ class CorpusDatasource(FileBasedDatasource):
         raise KeyError(path)
 
 
+class _FileBlocks:
+    """Turns the rows of one file into blocks with provenance columns.
+
+    The fast path hands a whole block to Arrow's C++ JSON reader and validates the text field with vectorised kernels.
+    A block Arrow refuses (a malformed line, a field whose type changes between rows, invalid UTF-8, a text field that
+    is not a string) is parsed again line by line in Python, which can say which line is wrong and why.
+    """
+
+    def __init__(self, file_index: int, key: str, text_field: str, id_field: str):
+        self.file_index, self.key = file_index, key
+        self.text_field, self.id_field = text_field, id_field
+
+    def jsonl(self, f, wanted=None) -> Iterator[pa.Table]:
+        wanted = None if wanted is None else set(wanted.tolist())
+        lines: list[bytes] = []
+        numbers: list[int] = []
+        for number, line in enumerate(_iter_lines(f), 1):
+            if wanted is not None and number not in wanted:
+                continue  # skipped before any parsing: the select stage's writing pass parses only the rows it keeps
+            if not line.strip():
+                continue  # blank lines are not rows
+            lines.append(line)
+            numbers.append(number)
+            if len(lines) >= ROWS_PER_BLOCK:
+                yield self._jsonl_block(lines, numbers)
+                lines, numbers = [], []
+        if lines:
+            yield self._jsonl_block(lines, numbers)
+
+    def _jsonl_block(self, lines: list[bytes], numbers: list[int]) -> pa.Table:
+        data = b"\n".join(lines)
+        try:
+            table = pajson.read_json(io.BytesIO(data), read_options=pajson.ReadOptions(
+                use_threads=False, block_size=len(data) + 1))
+            table.validate(full=True)  # Arrow's JSON reader does not check UTF-8 itself
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            table = None
+        if table is not None and table.num_rows == len(lines):
+            block = self._finish(table, numbers, lambda i: lines[i][:RAW_PREVIEW_CHARS].decode("utf-8", "replace"))
+            if block is not None:
+                return block
+        builder = _BlockBuilder(self.file_index, self.key, self.text_field, self.id_field)
+        for number, line in zip(numbers, lines):
+            builder.add(number, *_parse_line(line))
+        return builder.flush()
+
+    def parquet(self, f, wanted=None) -> Iterator[pa.Table]:
+        """The "line" of a Parquet row is its 1-based position in the file."""
+        first = 1
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BLOCK):
+            positions = np.arange(first, first + batch.num_rows)
+            first += batch.num_rows
+            if wanted is not None:
+                keep = np.isin(positions, wanted)
+                positions, batch = positions[keep], batch.filter(pa.array(keep))
+            if not batch.num_rows:
+                continue
+            table = pa.Table.from_batches([batch])
+            block = self._finish(table, positions.tolist(), lambda i: json.dumps(
+                table.slice(i, 1).to_pylist()[0], ensure_ascii=False, default=str)[:RAW_PREVIEW_CHARS])
+            if block is None:
+                builder = _BlockBuilder(self.file_index, self.key, self.text_field, self.id_field)
+                for position, record in zip(positions.tolist(), table.to_pylist()):
+                    builder.add(position, record, None, None)
+                block = builder.flush()
+            yield block
+
+    def _finish(self, table: pa.Table, numbers: list[int], raw_line) -> pa.Table | None:
+        """Validate the text field and add ids and provenance, all vectorised; None when the text or id column has a
+        type only the row-by-row path can describe."""
+        n = table.num_rows
+        table = table.combine_chunks()
+        if self.text_field in table.column_names:
+            text = table.column(self.text_field)
+            if pa.types.is_large_string(text.type) or pa.types.is_null(text.type):
+                text = text.cast(pa.string())
+            if not pa.types.is_string(text.type):
+                return None
+        else:
+            text = pa.chunked_array([pa.nulls(n, pa.string())])
+        missing = pc.is_null(text)
+        blank = pc.or_(pc.equal(pc.utf8_length(text), 0), pc.utf8_is_space(text))
+        null_reason = pa.scalar(None, pa.string())
+        reasons = pc.if_else(missing, pa.scalar(f"missing text field {self.text_field!r}"),
+                             pc.if_else(blank, pa.scalar(f"empty text in field {self.text_field!r}"), null_reason))
+        valid = pc.is_null(reasons)
+
+        ids = table.column(self.id_field) if self.id_field in table.column_names else None
+        if ids is not None:
+            if not (pa.types.is_string(ids.type) or pa.types.is_large_string(ids.type)
+                    or pa.types.is_integer(ids.type) or pa.types.is_null(ids.type)):
+                return None
+            ids = ids.cast(pa.string())
+        if ids is None or ids.null_count:
+            derived = pa.array([f"{self.key}:{number}" for number in numbers], pa.string())
+            ids = derived if ids is None else pc.coalesce(ids, derived)
+
+        bad_rows = np.flatnonzero(~valid.to_numpy(zero_copy_only=False))
+        raw = [None] * n
+        for i in bad_rows.tolist():
+            raw[i] = raw_line(i)
+
+        def put(t: pa.Table, name: str, column) -> pa.Table:
+            if name in t.column_names:
+                return t.set_column(t.column_names.index(name), name, column)
+            return t.append_column(name, column)
+
+        table = put(table, self.id_field, ids)
+        table = put(table, self.text_field, pc.if_else(valid, text, null_reason))
+        line_numbers = pa.array(numbers, pa.int64())
+        table = table.append_column(SOURCE_FILE, pa.array([self.key] * n, pa.string()))
+        table = table.append_column(SOURCE_LINE, line_numbers)
+        table = table.append_column(ORDER, pc.add(line_numbers, self.file_index << 32))
+        table = table.append_column(QUARANTINE_REASON, reasons)
+        return table.append_column(RAW, pa.array(raw, pa.string()))
+
+
+def _parse_line(raw_line: bytes) -> tuple[Any, str | None, str | None]:
+    """(record, reason, raw) for one non-blank JSONL line."""
+    try:
+        text = raw_line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"invalid UTF-8: {e.reason} at byte {e.start}", raw_line[:RAW_PREVIEW_CHARS].decode("utf-8", "replace")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON: {e.msg} at column {e.colno}", text[:RAW_PREVIEW_CHARS]
+    if not isinstance(record, dict):
+        return None, f"not a JSON object (got {type(record).__name__})", text[:RAW_PREVIEW_CHARS]
+    return record, None, text
+
+
 def _jsonl_records(f) -> Iterator[tuple[int, Any, str | None, str | None]]:
     """(line, record, reason, raw) for each non-blank line; blank lines are not rows."""
-    line_number = 0
-    for raw_line in _iter_lines(f):
-        line_number += 1
-        if not raw_line.strip():
-            continue
-        try:
-            text = raw_line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            yield line_number, None, f"invalid UTF-8: {e.reason} at byte {e.start}", raw_line[:RAW_PREVIEW_CHARS].decode("utf-8", "replace")
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            yield line_number, None, f"invalid JSON: {e.msg} at column {e.colno}", text[:RAW_PREVIEW_CHARS]
-            continue
-        if not isinstance(record, dict):
-            yield line_number, None, f"not a JSON object (got {type(record).__name__})", text[:RAW_PREVIEW_CHARS]
-            continue
-        yield line_number, record, None, text
+    for line_number, raw_line in enumerate(_iter_lines(f), 1):
+        if raw_line.strip():
+            yield line_number, *_parse_line(raw_line)
 
 
 def _iter_lines(f, chunk_size: int = 1 << 20) -> Iterator[bytes]:
@@ -112,7 +246,7 @@ def _iter_lines(f, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         yield pending
 
 
-def _parquet_records(f, text_field: str) -> Iterator[tuple[int, Any, str | None, str | None]]:
+def _parquet_records(f) -> Iterator[tuple[int, Any, str | None, str | None]]:
     """Rows of a Parquet file; the "line" of a row is its 1-based position in the file."""
     row_number = 0
     for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BLOCK):
@@ -191,11 +325,31 @@ def _to_arrow(values: list) -> pa.Array:
                         pa.string())
 
 
-def read_corpus(spec: CorpusSpec, num_cpus: float | None = None) -> ray.data.Dataset:
-    """The corpus as a Ray Data dataset; ``num_cpus`` per read task (parsing is light next to model scoring)."""
+def read_corpus(spec: CorpusSpec, num_cpus: float | None = None, only_rows: pa.Table | None = None
+                ) -> ray.data.Dataset:
+    """The corpus as a Ray Data dataset; ``num_cpus`` per read task.
+
+    ``only_rows``: read back just the rows whose ``_order`` (as an earlier read numbered them) is in this table,
+    parsing nothing else, and attach its other columns to them.
+    """
     filesystem, files = expand_inputs(spec.paths, SUPPORTED_SUFFIXES)
-    return ray.data.read_datasource(CorpusDatasource(files, filesystem, spec.text_field, spec.id_field),
-                                    num_cpus=num_cpus)
+    if only_rows is None:
+        datasource = CorpusDatasource(files, filesystem, spec.text_field, spec.id_field)
+        n_files = len(files)
+    else:
+        order = only_rows.column(ORDER).to_numpy()
+        by_position = only_rows.drop_columns([ORDER]).append_column("line", pa.array(order & 0xFFFFFFFF))
+        file_index = order >> 32
+        wanted = {int(i): by_position.filter(pa.array(file_index == i)).sort_by("line")
+                  for i in np.unique(file_index)}
+        if not wanted:
+            return ray.data.from_items([])
+        datasource = CorpusDatasource(files, filesystem, spec.text_field, spec.id_field, ray.put(wanted), set(wanted))
+        n_files = len(wanted)
+    # One read task per file: the datasource already streams each file in blocks, and Ray Data's splitting of read
+    # outputs into many smaller blocks (to reach its default parallelism) only adds per-block costs downstream
+    # (and one output file per block when writing).
+    return ray.data.read_datasource(datasource, num_cpus=num_cpus, override_num_blocks=n_files)
 
 
 def read_texts_locally(spec: CorpusSpec, limit: int | None = None) -> tuple[list[str], list[dict]]:
@@ -205,7 +359,7 @@ def read_texts_locally(spec: CorpusSpec, limit: int | None = None) -> tuple[list
     for i, f in enumerate(files):
         if f.path.endswith(PARQUET_SUFFIXES):
             handle = filesystem.open_input_file(f.path)
-            records = _parquet_records(handle, spec.text_field)
+            records = _parquet_records(handle)
         else:
             compression = "gzip" if f.path.endswith(".gz") else None
             handle = filesystem.open_input_stream(f.path, compression=compression)

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pyarrow.dataset as pads
+import pytest
 
 from domainsynth.pipelines.recipe import build_recipe
 from domainsynth.pipelines.runner import run_recipe
@@ -33,15 +34,25 @@ def _ids(run_dir):
     return pads.dataset(str(run_dir / "select" / "data")).to_table(columns=["id"]).column("id").to_pylist()
 
 
-def test_kill_in_the_middle_then_rerun_gives_exactly_the_right_rows(ray_local, classifier, general_pool, tmp_path):
+def _interrupt_point_reached(stage_dir, phase: str) -> bool:
+    if phase == "scoring":  # the classifier is saved just before the scoring pass starts
+        return (stage_dir / "classifier.bin").exists()
+    data = stage_dir / "data"  # "writing": part of the output is on disk
+    return data.exists() and any(data.iterdir())
+
+
+@pytest.mark.parametrize("phase", ["scoring", "writing"])
+def test_kill_in_the_middle_then_rerun_gives_exactly_the_right_rows(phase, ray_local, classifier, general_pool,
+                                                                    tmp_path):
     corpus, n_rows = _big_corpus(tmp_path, general_pool)
     killed_run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "domainsynth.cluster.cli", *_select_args(corpus, classifier, killed_run)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    scored = killed_run / "select" / "_scores"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if scored.exists() and any(scored.iterdir()):  # scoring has written part of its output
+        if _interrupt_point_reached(killed_run / "select", phase):
+            if phase == "scoring":
+                time.sleep(1.0)  # into the scoring pass, well before it ends
             break
         time.sleep(0.1)
     assert proc.poll() is None, "the stage finished before it could be interrupted; make the corpus larger"
