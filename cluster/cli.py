@@ -1,4 +1,4 @@
-"""The ``domainsynth`` command line: ``select``, ``run RECIPE.yaml`` and ``demo``."""
+"""The ``domainsynth`` command line: ``select``, ``embed``, ``run RECIPE.yaml`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -81,6 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="general-text negatives for training (default: a random sample of the corpus)")
     _add_common(sel)
 
+    emb = sub.add_parser(
+        "embed", help="CRAFT step 1: embed a corpus with a sentence-transformers model on Ray Data workers",
+        description="Embed every document of --corpus (default model: the bundled all-MiniLM-L6-v2) in an actor "
+                    "pool and write normalised float16 vectors with their row ids to RUN_DIR/embed/data/*.parquet, "
+                    "plus report.json, report.md and quarantine.jsonl.")
+    emb.add_argument("--corpus", required=True, action="append", metavar="PATH_OR_GLOB",
+                     help="documents to embed: file, directory or glob, local or URI (repeatable)")
+    emb.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (local path or URI)")
+    emb.add_argument("--model", metavar="NAME", help="sentence-transformers id or path (default all-MiniLM-L6-v2)")
+    emb.add_argument("--batch-size", type=int, metavar="N", help="texts per forward pass (default 64)")
+    emb.add_argument("--max-seq-length", type=int, metavar="N", help="tokens per text (default 256)")
+    emb.add_argument("--text-field", metavar="NAME", help="field holding the text (default: text)")
+    emb.add_argument("--id-field", metavar="NAME", help="field holding a row id (default: id)")
+    _add_common(emb)
+
     run = sub.add_parser("run", help="run every stage a recipe configures",
                          description="Validate RECIPE.yaml (see docs/recipes.md), then run its stages in order. "
                                      "A finished stage whose marker matches the recipe is skipped; an interrupted "
@@ -115,6 +130,14 @@ def recipe_from_select_args(args: argparse.Namespace) -> Recipe:
     return build_recipe(raw, "command line", os.getcwd(), args.overrides)
 
 
+def recipe_from_embed_args(args: argparse.Namespace) -> Recipe:
+    embed: dict = {"corpus": args.corpus}
+    for field in ("model", "batch_size", "max_seq_length", "text_field", "id_field"):
+        if getattr(args, field) is not None:
+            embed[field] = getattr(args, field)
+    return build_recipe({"run_dir": args.out, "embed": embed}, "command line", os.getcwd(), args.overrides)
+
+
 def _with_ray_flags(recipe: Recipe, args: argparse.Namespace) -> Recipe:
     if args.address:
         recipe.ray.address = args.address
@@ -135,6 +158,12 @@ def summarise(reports: dict[str, dict], run_dir: str) -> str:
             f"{sel['rows_quarantined']:,}; {sel['docs_per_second']:,.0f} docs/s")
         lines.append(f"    data:   {sel['outputs']['data']}")
         lines.append(f"    report: {run_dir.rstrip('/')}/select/report.md")
+    emb = reports.get("embed")
+    if emb:
+        lines.append(f"  embed: {emb['rows_out']:,} of {emb['rows_in']:,} documents embedded ({emb['model']}, "
+                     f"{emb['dimensions']} dimensions); quarantined {emb['rows_quarantined']:,}; "
+                     f"{emb['docs_per_second']:,.0f} docs/s")
+        lines.append(f"    data:   {emb['outputs']['data']}")
     return "\n".join(lines)
 
 
@@ -144,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "select":
             recipe = recipe_from_select_args(args)
+        elif args.command == "embed":
+            recipe = recipe_from_embed_args(args)
         elif args.command == "run":
             recipe = load_recipe(args.recipe, args.overrides)
         else:

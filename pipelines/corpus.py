@@ -50,11 +50,15 @@ class CorpusDatasource(FileBasedDatasource):
     _FILE_EXTENSIONS = [s.lstrip(".") for s in SUPPORTED_SUFFIXES]
 
     def __init__(self, files: list[InputFile], filesystem, text_field: str, id_field: str,
-                 wanted_rows: ray.ObjectRef | None = None, wanted_files: set[int] | None = None):
+                 wanted_rows: ray.ObjectRef | None = None, wanted_files: set[int] | None = None,
+                 quarantine_dir: str | None = None):
         """``wanted_rows``: optionally, a reference to {file index: table of ``line`` numbers and columns to attach},
         with ``wanted_files`` its keys; only those files are opened and only those rows parsed, and they come back
         with the attached columns (the select stage's writing pass reads back the rows it chose, with their scores).
-        Files keep their index in ``files`` either way."""
+        Files keep their index in ``files`` either way.
+
+        ``quarantine_dir``: when set, malformed rows do not flow on; each read task writes its file's to
+        ``quarantine_dir/<file index>.jsonl`` (rewritten whole if the task is retried) and yields only usable rows."""
         self._file_keys = {f.path: (i, f.key) for i, f in enumerate(files)}
         if wanted_files is not None:
             files = [f for i, f in enumerate(files) if i in wanted_files]
@@ -62,6 +66,7 @@ class CorpusDatasource(FileBasedDatasource):
         self._text_field = text_field
         self._id_field = id_field
         self._wanted_rows = wanted_rows
+        self._quarantine_dir = quarantine_dir
 
     def _open_input_source(self, filesystem, path: str, **open_args):
         if path.endswith(PARQUET_SUFFIXES):  # Parquet needs random access, not a stream
@@ -72,7 +77,11 @@ class CorpusDatasource(FileBasedDatasource):
         file_index, key = self._lookup(path)
         blocks = _FileBlocks(file_index, key, self._text_field, self._id_field)
         if self._wanted_rows is None:
-            yield from blocks.parquet(f) if path.endswith(PARQUET_SUFFIXES) else blocks.jsonl(f)
+            stream = blocks.parquet(f) if path.endswith(PARQUET_SUFFIXES) else blocks.jsonl(f)
+            if self._quarantine_dir is None:
+                yield from stream
+            else:
+                yield from self._set_aside_malformed(stream, file_index)
             return
         wanted = ray.get(self._wanted_rows).get(file_index)
         if wanted is None:
@@ -84,6 +93,19 @@ class CorpusDatasource(FileBasedDatasource):
             for name in attached:
                 block = block.append_column(name, wanted.column(name).take(position))
             yield block
+
+    def _set_aside_malformed(self, stream: Iterator[pa.Table], file_index: int) -> Iterator[pa.Table]:
+        bad: list[dict] = []
+        for block in stream:
+            valid = pc.is_null(block.column(QUARANTINE_REASON))
+            rejected = block.filter(pc.invert(valid)).select([SOURCE_FILE, SOURCE_LINE, QUARANTINE_REASON, RAW])
+            bad += [{"file": r[SOURCE_FILE], "line": r[SOURCE_LINE], "reason": r[QUARANTINE_REASON],
+                     "raw": r[RAW]} for r in rejected.to_pylist()]
+            yield block.filter(valid)
+        fs, root = _filesystem_path(self._quarantine_dir)
+        fs.create_dir(root, recursive=True)
+        with fs.open_output_stream(f"{root}/{file_index:06d}.jsonl") as out:
+            out.write("".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad).encode())
 
     def _lookup(self, path: str) -> tuple[int, str]:
         if path in self._file_keys:
@@ -325,16 +347,24 @@ def _to_arrow(values: list) -> pa.Array:
                         pa.string())
 
 
-def read_corpus(spec: CorpusSpec, num_cpus: float | None = None, only_rows: pa.Table | None = None
-                ) -> ray.data.Dataset:
+def _filesystem_path(uri: str):
+    from .paths import resolve
+
+    return resolve(uri)
+
+
+def read_corpus(spec: CorpusSpec, num_cpus: float | None = None, only_rows: pa.Table | None = None,
+                quarantine_dir: str | None = None) -> ray.data.Dataset:
     """The corpus as a Ray Data dataset; ``num_cpus`` per read task.
 
     ``only_rows``: read back just the rows whose ``_order`` (as an earlier read numbered them) is in this table,
-    parsing nothing else, and attach its other columns to them.
+    parsing nothing else, and attach its other columns to them. ``quarantine_dir``: malformed rows are written there
+    by the read tasks instead of flowing on (see ``CorpusDatasource``).
     """
     filesystem, files = expand_inputs(spec.paths, SUPPORTED_SUFFIXES)
     if only_rows is None:
-        datasource = CorpusDatasource(files, filesystem, spec.text_field, spec.id_field)
+        datasource = CorpusDatasource(files, filesystem, spec.text_field, spec.id_field,
+                                      quarantine_dir=quarantine_dir)
         n_files = len(files)
     else:
         order = only_rows.column(ORDER).to_numpy()

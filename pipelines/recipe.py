@@ -101,10 +101,23 @@ class SelectConfig(Strict):
         return 0.5 if self.threshold is None else self.threshold
 
 
+class EmbedConfig(Strict):
+    corpus: PathList = Field(description="Documents to embed: files, directories or globs, local or URIs.")
+    text_field: str = "text"
+    id_field: str = "id"
+    model: str = Field("all-MiniLM-L6-v2", description="sentence-transformers id or path (default bundled).")
+    batch_size: int = Field(64, gt=0, description="Texts per forward pass.")
+    max_seq_length: Optional[int] = Field(256, gt=0, description="Tokens per text; null = the model's own.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per embedding actor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per embedding actor (GPU clusters).")
+    concurrency: Optional[int] = Field(None, gt=0, description="Embedding actors; null = as many as fit.")
+
+
 class Recipe(Strict):
     run_dir: str = Field(description="Where the run writes (local path or pyarrow filesystem URI).")
     ray: RayConfig = RayConfig()
     select: Optional[SelectConfig] = None
+    embed: Optional[EmbedConfig] = None
 
     def stage_fingerprint(self, stage: str) -> str:
         """Hash of one stage's settings: a finished stage is skipped on rerun only when this matches its marker."""
@@ -112,8 +125,8 @@ class Recipe(Strict):
         return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-STAGE_ORDER = ("select",)
-_INPUT_PATH_FIELDS = {"select": ("in_domain", "corpus", "negatives", "classifier")}
+STAGE_ORDER = ("select", "embed")
+_INPUT_PATH_FIELDS = {"select": ("in_domain", "corpus", "negatives", "classifier"), "embed": ("corpus",)}
 
 
 def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> dict:

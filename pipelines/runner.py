@@ -6,9 +6,10 @@ from typing import Callable
 
 from .recipe import STAGE_ORDER, Recipe
 from .rundir import StageDir
+from .embed import run_embed
 from .select import run_select
 
-STAGES: dict[str, Callable] = {"select": run_select}
+STAGES: dict[str, Callable] = {"select": run_select, "embed": run_embed}
 
 
 def preflight(recipe: Recipe) -> None:
@@ -29,6 +30,18 @@ def preflight(recipe: Recipe) -> None:
             fs, path = resolve(s.classifier)
             if fs.get_file_info(path).type.name != "File":
                 raise FileNotFoundError(f"select.classifier: no file at {s.classifier!r}")
+    _preflight_embed(recipe)
+
+
+def _preflight_embed(recipe: Recipe) -> None:
+    from .corpus import SUPPORTED_SUFFIXES
+    from .paths import expand_inputs
+
+    if recipe.embed is not None:
+        try:
+            expand_inputs(recipe.embed.corpus, SUPPORTED_SUFFIXES)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"embed.corpus: {e}") from None
 
 
 def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print) -> dict[str, dict]:
