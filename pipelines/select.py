@@ -62,7 +62,9 @@ def sample_negatives(cfg: SelectConfig, n: int, seed: int) -> list[str]:
     if fraction < 1.0:
         ds = ds.random_sample(fraction, seed=seed)
     sampled = ds.map_batches(_texts_only, fn_kwargs={"text_field": cfg.text_field}, batch_format="pyarrow")
-    texts = [row["text"] for row in sampled.take_all()]
+    # Sorted first: Ray Data returns the sample in whichever order its tasks finish, and the classifier (hence the
+    # selection) must be the same on every run with the same seed.
+    texts = sorted(row["text"] for row in sampled.take_all())
     random.Random(seed).shuffle(texts)
     return texts[:n]
 
