@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.datasource import FileBasedDatasource
 
-from .paths import InputFile, expand_inputs
+from .paths import InputFile, expand_inputs, resolve
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 PARQUET_SUFFIXES = (".parquet",)
@@ -35,6 +35,9 @@ RAW = "_raw"  # the offending line, truncated, on quarantined rows only
 PROVENANCE_COLUMNS = (SOURCE_FILE, SOURCE_LINE, ORDER, QUARANTINE_REASON, RAW)
 RAW_PREVIEW_CHARS = 500
 ROWS_PER_BLOCK = 4096
+# CPUs a read task asks for beside model-holding actor pools: parsing is light (Arrow's C++ JSON reader), and a
+# pool that held every CPU would leave no room for a read task and stall the pipeline.
+READ_TASK_CPUS = 0.25
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ class CorpusDatasource(FileBasedDatasource):
             bad += [{"file": r[SOURCE_FILE], "line": r[SOURCE_LINE], "reason": r[QUARANTINE_REASON],
                      "raw": r[RAW]} for r in rejected.to_pylist()]
             yield block.filter(valid)
-        fs, root = _filesystem_path(self._quarantine_dir)
+        fs, root = resolve(self._quarantine_dir)
         fs.create_dir(root, recursive=True)
         with fs.open_output_stream(f"{root}/{file_index:06d}.jsonl") as out:
             out.write("".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad).encode())
@@ -345,12 +348,6 @@ def _to_arrow(values: list) -> pa.Array:
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=str) for v in values],
                         pa.string())
-
-
-def _filesystem_path(uri: str):
-    from .paths import resolve
-
-    return resolve(uri)
 
 
 def read_corpus(spec: CorpusSpec, num_cpus: float | None = None, only_rows: pa.Table | None = None,

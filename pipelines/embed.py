@@ -13,13 +13,12 @@ from ray.data import ActorPoolStrategy
 
 from ..actors.embedding import SentenceEmbedder
 from . import corpus
-from .corpus import CorpusSpec, read_corpus
+from .corpus import READ_TASK_CPUS, CorpusSpec, read_corpus
 from .recipe import EmbedConfig
 from .report import markdown_table, write_report
 from .rundir import StageDir
 
 QUARANTINE_PARTS = "_quarantine"
-READ_TASK_CPUS = 0.25
 
 
 def embedder_pool_size(cfg: EmbedConfig, cluster_cpus: int) -> int:

@@ -31,7 +31,7 @@ from ray.data import ActorPoolStrategy
 from ..actors.fasttext_domain import FastTextDomainScorer, FastTextParams, normalise_text, train_classifier
 from ..actors.quality import HeuristicQualityScorer, HFQualityScorer
 from . import corpus
-from .corpus import CorpusSpec, read_corpus, read_texts_locally
+from .corpus import READ_TASK_CPUS, CorpusSpec, read_corpus, read_texts_locally
 from .recipe import SelectConfig
 from .report import markdown_table, score_histogram_png, write_report
 from .rundir import StageDir, read_file_bytes
@@ -167,10 +167,8 @@ class SelectionScorer:
         return batch if self.keep_text else keep_score_columns(batch)
 
 
-# Scoring is CPU-bound in the actors; parsing in the read tasks is light (Arrow's C++ JSON reader). A fixed pool that
-# holds every CPU would leave no room for a read task and stall the pipeline, so actors ask for 3/4 of a CPU and read
-# tasks for 1/4: on 2 CPUs two scoring actors and two read tasks run side by side, on 1 CPU one of each.
-READ_TASK_CPUS = 0.25
+# Scoring is CPU-bound in the actors; they ask for 3/4 of a CPU beside read tasks' 1/4 (corpus.READ_TASK_CPUS): on
+# 2 CPUs two scoring actors and two read tasks run side by side, on 1 CPU one of each.
 SCORER_ACTOR_CPUS = 0.75
 
 
