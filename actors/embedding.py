@@ -58,7 +58,11 @@ class SentenceEmbedder:
     behind: shards carry ids and vectors, the corpus keeps the text)."""
 
     def __init__(self, model: str, text_field: str, keep_columns: list[str], batch_size: int = 64,
-                 max_seq_length: int | None = None):
+                 max_seq_length: int | None = None, torch_threads: int | None = None):
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)  # as many threads as CPUs the actor holds, said explicitly
         self.model = load_sentence_model(model, max_seq_length)
         self.text_field = text_field
         self.keep_columns = keep_columns

@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import sys
 
-# This file is named like the stdlib module `select`; keep its folder off the import path so `subprocess` works.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+# This file is named like the stdlib module `select`: its folder goes to the end of the import path, so `subprocess`
+# finds the real `select` and `common` is still found here.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE] + [HERE]
 
 import argparse
 import gzip
@@ -21,11 +23,10 @@ import json
 import random
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
+from common import timed
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
@@ -80,41 +81,6 @@ for i, path in enumerate(sorted(glob.glob(os.path.join(sys.argv[2], "*.jsonl")))
 print(json.dumps({"rows": n, "read": t_read, "score": t_score, "write": t_write,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
-
-
-class TreeMemory:
-    """Peak summed RSS of a process and all its descendants (Ray workers included), sampled every 0.2 s."""
-
-    def __init__(self, pid: int):
-        self.root, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                procs = [self.root, *self.root.children(recursive=True)]
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs if p.is_running()))
-            except psutil.Error:
-                pass
-            time.sleep(0.2)
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return self.peak / 2**20
-
-
-def timed(cmd: list[str]) -> tuple[float, float, str]:
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    memory = TreeMemory(proc.pid)
-    out, _ = proc.communicate()
-    seconds = time.perf_counter() - start
-    peak = memory.stop()
-    if proc.returncode:
-        raise SystemExit(f"{cmd[:3]} failed with exit code {proc.returncode}")
-    return seconds, peak, out
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The ``domainsynth`` command line: ``select``, ``embed``, ``run RECIPE.yaml`` and ``demo``."""
+"""The ``domainsynth`` command line: ``select``, ``embed``, ``retrieve``, ``run RECIPE.yaml`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import sys
 import time
 
 from ..pipelines.recipe import Recipe, RecipeError, build_recipe, load_recipe
+from ..pipelines import paths
+from ..pipelines.retrieve import check_same_corpus
+from ..pipelines.rundir import MARKER, StageDir, StageError
 from ..pipelines.runner import preflight, run_recipe
 from . import ray_runtime
 
@@ -41,6 +44,16 @@ def _probability(value: str) -> float:
     if not 0 <= f <= 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
     return f
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number > 0, got {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number > 0, got {value!r}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +109,30 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--id-field", metavar="NAME", help="field holding a row id (default: id)")
     _add_common(emb)
 
+    ret = sub.add_parser(
+        "retrieve", help="CRAFT steps 1-3: the corpus documents most similar to a task's few-shot examples",
+        description="Embed the few-shots (JSONL; CRAFT's Text/Instruction/Output format works as is) and return the "
+                    "--top-k most similar corpus documents, half from each few-shot's own nearest documents and half "
+                    "by mean similarity to all of them, without near-duplicates, with every corpus field plus score "
+                    "and matched_few_shot, in RUN_DIR/retrieve/data/*.parquet. When RUN_DIR has no index yet, the "
+                    "corpus is embedded and indexed first (RUN_DIR/embed, RUN_DIR/index); an existing index is "
+                    "reused, and must have been built from the same corpus.")
+    ret.add_argument("--few-shots", required=True, action="append", metavar="FILE",
+                     help="the task's few-shot examples, JSONL (repeatable)")
+    ret.add_argument("--corpus", required=True, action="append", metavar="PATH_OR_GLOB",
+                     help="documents to search: file, directory or glob, local or URI, e.g. RUN/select/data "
+                          "(repeatable)")
+    ret.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (local path or URI)")
+    ret.add_argument("--top-k", required=True, type=_positive_int, metavar="N", help="documents to return")
+    ret.add_argument("--text-field", metavar="NAME", help="corpus field holding the text (default: text)")
+    ret.add_argument("--id-field", metavar="NAME", help="corpus field holding a row id (default: id)")
+    ret.add_argument("--few-shot-field", metavar="NAME",
+                     help="few-shot field to embed (default: text, else Text as in CRAFT's files)")
+    ret.add_argument("--model", metavar="NAME", help="sentence-transformers id or path (default all-MiniLM-L6-v2)")
+    ret.add_argument("--index-kind", choices=("auto", "flat", "ivf", "ivfpq", "hnsw"),
+                     help="faiss index (default auto: exact up to 200,000 documents, IVF above)")
+    _add_common(ret)
+
     run = sub.add_parser("run", help="run every stage a recipe configures",
                          description="Validate RECIPE.yaml (see docs/recipes.md), then run its stages in order. "
                                      "A finished stage whose marker matches the recipe is skipped; an interrupted "
@@ -138,6 +175,33 @@ def recipe_from_embed_args(args: argparse.Namespace) -> Recipe:
     return build_recipe({"run_dir": args.out, "embed": embed}, "command line", os.getcwd(), args.overrides)
 
 
+def recipe_from_retrieve_args(args: argparse.Namespace) -> Recipe:
+    """retrieve alone when RUN_DIR already has an index (checked against the arguments), else embed + index +
+    retrieve (a finished embed with the same settings is still skipped by the runner)."""
+    retrieve: dict = {"few_shots": args.few_shots, "top_k": args.top_k}
+    if args.few_shot_field:
+        retrieve["few_shot_field"] = args.few_shot_field
+    raw: dict = {"run_dir": args.out, "retrieve": retrieve}
+    index_dir = StageDir(paths.join(args.out, "index"))
+    existing = index_dir.read_json("index.json") if index_dir.exists(MARKER) else None
+    if existing is None:
+        raw["embed"] = {"corpus": args.corpus}
+        for field in ("text_field", "id_field", "model"):
+            if getattr(args, field) is not None:
+                raw["embed"][field] = getattr(args, field)
+        raw["index"] = {"kind": args.index_kind} if args.index_kind else {}
+    recipe = build_recipe(raw, "command line", os.getcwd(), args.overrides)
+    if existing is not None:
+        check_same_corpus(existing, [paths.resolve(c)[1] if not paths.is_uri(c) else c for c in args.corpus],
+                          index_dir.uri)
+        for field, built in (("text_field", existing["corpus"]["text_field"]), ("model", existing["model"])):
+            asked = getattr(args, field)
+            if asked is not None and asked != built:
+                raise ValueError(f"--{field.replace('_', '-')} {asked}: the index in {index_dir.uri} was built with "
+                                 f"{built!r}; use another --out to index again")
+    return recipe
+
+
 def _with_ray_flags(recipe: Recipe, args: argparse.Namespace) -> Recipe:
     if args.address:
         recipe.ray.address = args.address
@@ -164,6 +228,19 @@ def summarise(reports: dict[str, dict], run_dir: str) -> str:
                      f"{emb['dimensions']} dimensions); quarantined {emb['rows_quarantined']:,}; "
                      f"{emb['docs_per_second']:,.0f} docs/s")
         lines.append(f"    data:   {emb['outputs']['data']}")
+    idx = reports.get("index")
+    if idx:
+        lines.append(f"  index: {idx['rows_out']:,} vectors, {idx['kind']} ({idx['factory']}), built in "
+                     f"{idx['seconds']:.1f}s")
+    ret = reports.get("retrieve")
+    if ret:
+        s = ret["score"] or {}
+        lines.append(f"  retrieve: {ret['rows_out']:,} documents for {ret['few_shots']} few-shots "
+                     f"({ret['retrieved_by']['few_shot']:,} by their own hits, {ret['retrieved_by']['mean']:,} by "
+                     f"mean similarity); {ret['rows_filtered']['near_duplicate']:,} near-duplicates dropped; "
+                     f"score median {s.get('median')}")
+        lines.append(f"    data:   {ret['outputs']['data']}")
+        lines.append(f"    report: {run_dir.rstrip('/')}/retrieve/report.md")
     return "\n".join(lines)
 
 
@@ -175,21 +252,27 @@ def main(argv: list[str] | None = None) -> int:
             recipe = recipe_from_select_args(args)
         elif args.command == "embed":
             recipe = recipe_from_embed_args(args)
+        elif args.command == "retrieve":
+            recipe = recipe_from_retrieve_args(args)
         elif args.command == "run":
             recipe = load_recipe(args.recipe, args.overrides)
         else:
             recipe = load_recipe(os.path.join(EXAMPLES_DIR, "quickstart.yaml"), [f"run_dir={args.out}", *args.overrides])
         recipe = _with_ray_flags(recipe, args)
         preflight(recipe)
-    except (RecipeError, FileNotFoundError, ValueError) as e:
+    except (RecipeError, FileNotFoundError, ValueError, StageError) as e:
         print(f"domainsynth: error: {e}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    ray_runtime.connect(recipe.ray)
+    started_ray = ray_runtime.connect(recipe.ray)
     try:
         reports = run_recipe(recipe)
+    except StageError as e:  # found only once the stage ran (an empty corpus, a corpus changed under the index)
+        print(f"domainsynth: error: {e}", file=sys.stderr)
+        return 1
     finally:
-        ray_runtime.shutdown()
+        if started_ray:
+            ray_runtime.shutdown()
     print(summarise(reports, recipe.run_dir))
     print(f"Done in {time.perf_counter() - started:.1f}s.")
     return 0

@@ -10,17 +10,19 @@ import ray
 from ..pipelines.recipe import RayConfig
 
 
-def connect(config: RayConfig) -> None:
-    """Start or join Ray as the recipe says. Safe to call when Ray is already up in this process."""
+def connect(config: RayConfig) -> bool:
+    """Start or join Ray as the recipe says; True when this call did (and so should shut it down). Ray already up
+    in this process (a notebook, a test session) is used as it is."""
     if ray.is_initialized():
-        return
+        return False
     # The package imports as `domainsynth` from site-packages in every worker; nothing needs shipping.
     os.environ.setdefault("RAY_ACCEPT_CALLBACK_WARNINGS", "1")
     if config.address:
         ray.init(address=config.address, logging_level=logging.WARNING)
-        return
+        return True
     ray.init(num_cpus=config.num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=True)
+    return True
 
 
 def shutdown() -> None:

@@ -13,35 +13,62 @@ from ray.data import ActorPoolStrategy
 
 from ..actors.embedding import SentenceEmbedder
 from . import corpus
-from .corpus import READ_TASK_CPUS, CorpusSpec, read_corpus
+from .corpus import READ_TASK_CPUS, SUPPORTED_SUFFIXES, CorpusSpec, read_corpus
+from .paths import expand_inputs
 from .recipe import EmbedConfig
 from .report import markdown_table, write_report
-from .rundir import StageDir
+from .rundir import StageDir, StageError
 
 QUARANTINE_PARTS = "_quarantine"
+FORWARD_PASSES_PER_CALL = 4  # batches per actor call (and per block)
 
 
-def embedder_pool_size(cfg: EmbedConfig, cluster_cpus: int) -> int:
-    if cfg.concurrency is not None:
-        return cfg.concurrency
+class EmbedError(StageError):
+    """The embed stage cannot run as configured; the message names the field."""
+
+
+def embedder_pool(cfg: EmbedConfig, cluster_cpus: int) -> tuple[int, float]:
+    """(actors, CPUs per actor). On CPUs the default is one actor per CPU sharing what the read task leaves: several
+    single-threaded torch processes embed faster than one multi-threaded one (tokenisation is serial)."""
     if cfg.num_gpus:
-        return max(1, int(ray.cluster_resources().get("GPU", 0) // cfg.num_gpus))
-    return max(1, int((cluster_cpus - READ_TASK_CPUS) // cfg.num_cpus))
+        actors = cfg.concurrency or max(1, int(ray.cluster_resources().get("GPU", 0) // cfg.num_gpus))
+        return actors, cfg.num_cpus or 1.0
+    if cfg.num_cpus is None:
+        actors = cfg.concurrency or cluster_cpus
+        cpus = (cluster_cpus - READ_TASK_CPUS) / actors
+    else:
+        actors = cfg.concurrency or max(1, int((cluster_cpus - READ_TASK_CPUS) // cfg.num_cpus))
+        cpus = cfg.num_cpus
+    if actors * cpus + READ_TASK_CPUS > cluster_cpus + 1e-9 or cpus <= 0:
+        raise EmbedError(f"embed.concurrency/num_cpus: {actors} actors x {cpus:g} CPUs and a read task need "
+                         f"{actors * cpus + READ_TASK_CPUS:g} CPUs, the cluster has {cluster_cpus}")
+    return actors, cpus
+
+
+def corpus_paths(cfg: EmbedConfig, stage: StageDir) -> list[str]:
+    """The recipe's corpus, or (when it names none) the select stage's output in the same run."""
+    return cfg.corpus or [stage.sibling("select", "data")]
 
 
 def run_embed(cfg: EmbedConfig, stage: StageDir) -> dict:
     started = time.perf_counter()
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    actors, cpus_per_actor = embedder_pool(cfg, cpus)
+    spec = CorpusSpec(corpus_paths(cfg, stage), cfg.text_field, cfg.id_field)
+    _, files = expand_inputs(spec.paths, SUPPORTED_SUFFIXES)
     data_uri, parts_uri = stage.child("data"), stage.child(QUARANTINE_PARTS)
-    (read_corpus(CorpusSpec(cfg.corpus, cfg.text_field, cfg.id_field), num_cpus=READ_TASK_CPUS,
-                 quarantine_dir=parts_uri)
+    # Embedding costs ~1,000x more per row than reading, and Ray Data hands whole blocks to actors: blocks of a few
+    # batches spread the work over every actor (one 4,096-row read block would keep one actor busy for minutes).
+    rows_per_call = cfg.batch_size * FORWARD_PASSES_PER_CALL
+    (read_corpus(spec, num_cpus=READ_TASK_CPUS, quarantine_dir=parts_uri, rows_per_block=rows_per_call)
         .map_batches(SentenceEmbedder,
                      fn_constructor_kwargs={"model": cfg.model, "text_field": cfg.text_field,
                                             "keep_columns": [cfg.id_field, corpus.ORDER], "batch_size": cfg.batch_size,
-                                            "max_seq_length": cfg.max_seq_length},
-                     compute=ActorPoolStrategy(size=embedder_pool_size(cfg, cpus)),
-                     num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus or None,
-                     batch_size=cfg.batch_size * 8, batch_format="pyarrow")
+                                            "max_seq_length": cfg.max_seq_length,
+                                            "torch_threads": max(1, round(cpus_per_actor))},
+                     compute=ActorPoolStrategy(size=actors),
+                     num_cpus=cpus_per_actor, num_gpus=cfg.num_gpus or None,
+                     batch_size=rows_per_call, batch_format="pyarrow")
         .write_parquet(data_uri))
     seconds_embedding = time.perf_counter() - started
 
@@ -55,7 +82,12 @@ def run_embed(cfg: EmbedConfig, stage: StageDir) -> dict:
     rows_in = rows_out + len(quarantine)
     report = {
         "stage": "embed", "rows_in": rows_in, "rows_out": rows_out, "rows_quarantined": len(quarantine),
-        "rows_filtered": {}, "model": cfg.model, "dimensions": dim, "dtype": "float16", "normalised": True,
+        "rows_filtered": {}, "model": cfg.model, "max_seq_length": cfg.max_seq_length, "dimensions": dim,
+        "dtype": "float16", "normalised": True,
+        # What the index and retrieve steps need to map vectors back to documents (``_order`` numbers these files).
+        "corpus": {"paths": spec.paths, "files": [f.path for f in files], "text_field": cfg.text_field,
+                   "id_field": cfg.id_field},
+        "actors": actors, "cpus_per_actor": round(cpus_per_actor, 3),
         "docs_per_second": round(rows_in / max(seconds_embedding, 1e-9), 1),
         "seconds": round(time.perf_counter() - started, 3),
         "outputs": {"data": data_uri, "quarantine": stage.child("quarantine.jsonl")},

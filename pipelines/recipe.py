@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -102,15 +102,52 @@ class SelectConfig(Strict):
 
 
 class EmbedConfig(Strict):
-    corpus: PathList = Field(description="Documents to embed: files, directories or globs, local or URIs.")
+    corpus: Optional[PathList] = Field(None, description="Documents to embed: files, directories or globs, local "
+                                                         "or URIs; null = this run's select output.")
     text_field: str = "text"
     id_field: str = "id"
     model: str = Field("all-MiniLM-L6-v2", description="sentence-transformers id or path (default bundled).")
     batch_size: int = Field(64, gt=0, description="Texts per forward pass.")
     max_seq_length: Optional[int] = Field(256, gt=0, description="Tokens per text; null = the model's own.")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs per embedding actor.")
+    num_cpus: Optional[float] = Field(None, gt=0, description="CPUs per embedding actor (torch threads); null = "
+                                                              "the cluster's CPUs shared out over the actors.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per embedding actor (GPU clusters).")
-    concurrency: Optional[int] = Field(None, gt=0, description="Embedding actors; null = as many as fit.")
+    concurrency: Optional[int] = Field(None, gt=0, description="Embedding actors; null = one per CPU (per GPU "
+                                                               "when num_gpus is set).")
+
+
+class IndexConfig(Strict):
+    kind: Literal["auto", "flat", "ivf", "ivfpq", "hnsw"] = Field(
+        "auto", description="auto = exact 'flat' up to exact_max_rows vectors, 'ivf' above.")
+    exact_max_rows: int = Field(200_000, gt=0, description="auto: the largest corpus searched exactly.")
+    nlist: Optional[int] = Field(None, gt=0, description="IVF cells; null = a power of two near 4*sqrt(rows).")
+    nprobe: Optional[int] = Field(None, gt=0, description="IVF cells searched per query; null = nlist/32.")
+    pq_m: int = Field(48, gt=0, description="ivfpq: sub-quantizers (must divide the dimension); 8 bits each.")
+    hnsw_m: int = Field(32, gt=0, description="hnsw: graph neighbours per vector.")
+    ef_construction: int = Field(80, gt=0, description="hnsw: build-time search depth.")
+    ef_search: int = Field(128, gt=0, description="hnsw: query-time search depth.")
+    train_rows: int = Field(100_000, gt=0, description="IVF: vectors sampled (over all shards) to train on.")
+    gpu: Optional[bool] = Field(None, description="Build and search on GPUs with faiss-gpu; null = when faiss "
+                                                  "sees one (flat and IVF kinds; HNSW stays on CPU).")
+    num_cpus: Optional[int] = Field(None, gt=0, description="CPUs (faiss threads) of the build and search task; "
+                                                            "null = the largest node's.")
+    seed: int = 0
+
+
+class RetrieveConfig(Strict):
+    few_shots: PathList = Field(description="The task's few-shot examples (JSONL; CRAFT's Text/Instruction/Output "
+                                            "format works as is).")
+    few_shot_field: Optional[str] = Field(None, description="Few-shot field to embed; null = 'text', else 'Text'.")
+    top_k: int = Field(1000, gt=0, description="Documents to return.")
+    per_few_shot_fraction: float = Field(0.5, ge=0, le=1, description="Share of top_k filled from each "
+                                         "few-shot's own top hits (the rest: by mean similarity to all few-shots).")
+    overfetch: float = Field(0.2, ge=0, description="Fetch this much more than needed, to absorb duplicates.")
+    near_duplicate_similarity: float = Field(0.95, gt=0, le=1, description="Hits at least this similar (cosine) "
+                                             "to a better hit are duplicates and dropped.")
+    index: Optional[str] = Field(None, description="The index step's folder; null = this run's index/.")
+    map_sample: int = Field(2000, ge=0, description="Corpus vectors drawn for the report's embedding map.")
+    num_cpus: Optional[int] = Field(None, gt=0, description="CPUs (threads) of the search actor; null = the "
+                                                            "largest node's.")
 
 
 class Recipe(Strict):
@@ -118,15 +155,27 @@ class Recipe(Strict):
     ray: RayConfig = RayConfig()
     select: Optional[SelectConfig] = None
     embed: Optional[EmbedConfig] = None
+    index: Optional[IndexConfig] = None
+    retrieve: Optional[RetrieveConfig] = None
+
+    @model_validator(mode="after")
+    def _embed_has_a_corpus(self) -> "Recipe":
+        if self.embed is not None and self.embed.corpus is None and self.select is None:
+            raise ValueError("embed.corpus: required unless the recipe has a select section (then embed reads "
+                             "select's output)")
+        return self
 
     def stage_fingerprint(self, stage: str) -> str:
-        """Hash of one stage's settings: a finished stage is skipped on rerun only when this matches its marker."""
-        config = getattr(self, stage).model_dump(mode="json")
-        return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of one stage's settings and of every configured stage before it: a finished stage is skipped on
+        rerun only when this matches its marker, so changing an upstream stage redoes everything downstream."""
+        upstream = STAGE_ORDER[:STAGE_ORDER.index(stage)]
+        configs = [getattr(self, s).model_dump(mode="json") for s in (*upstream, stage) if getattr(self, s)]
+        return hashlib.sha256(json.dumps(configs if upstream else configs[0], sort_keys=True).encode()).hexdigest()[:16]
 
 
-STAGE_ORDER = ("select", "embed")
-_INPUT_PATH_FIELDS = {"select": ("in_domain", "corpus", "negatives", "classifier"), "embed": ("corpus",)}
+STAGE_ORDER = ("select", "embed", "index", "retrieve")
+_INPUT_PATH_FIELDS = {"select": ("in_domain", "corpus", "negatives", "classifier"), "embed": ("corpus",),
+                      "retrieve": ("few_shots", "index")}
 
 
 def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> dict:

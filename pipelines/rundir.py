@@ -4,6 +4,7 @@ completion marker written last. Works for local paths and pyarrow filesystem URI
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
@@ -11,6 +12,10 @@ import pyarrow.fs as pafs
 from . import paths
 
 MARKER = "_COMPLETE.json"
+
+
+class StageError(RuntimeError):
+    """A stage cannot go on (bad input found only once it ran, an impossible setting); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,12 @@ class StageDir:
 
     def child(self, *parts: str) -> str:
         return paths.join(self.uri, *parts)
+
+    def sibling(self, *parts: str) -> str:
+        """A path in another stage's folder of the same run (``<run>/<parts...>``)."""
+        parent = self.uri.rstrip("/").rsplit("/", 1)[0] if paths.is_uri(self.uri) else os.path.dirname(
+            os.path.abspath(self.uri.rstrip("/")))
+        return paths.join(parent, *parts)
 
     def write_bytes(self, name: str, data: bytes) -> None:
         fs, root = self.fs_path
@@ -79,3 +90,15 @@ def read_file_bytes(path: str) -> bytes:
     fs, p = paths.resolve(path)
     with fs.open_input_stream(p) as f:
         return f.read()
+
+
+def count_parquet_rows(uri: str) -> int:
+    """Rows in a folder of Parquet files (from the footers); 0 when there is none."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    fs, path = paths.resolve(uri)
+    try:
+        return pads.dataset(path, filesystem=fs, format="parquet").count_rows()
+    except (FileNotFoundError, pa.ArrowInvalid):
+        return 0

@@ -7,13 +7,16 @@ from typing import Callable
 from .recipe import STAGE_ORDER, Recipe
 from .rundir import StageDir
 from .embed import run_embed
+from .index import run_index
+from .retrieve import load_few_shots, run_retrieve
 from .select import run_select
 
-STAGES: dict[str, Callable] = {"select": run_select, "embed": run_embed}
+STAGES: dict[str, Callable] = {"select": run_select, "embed": run_embed, "index": run_index, "retrieve": run_retrieve}
 
 
 def preflight(recipe: Recipe) -> None:
-    """Fail before any work starts when an input names nothing readable (raises FileNotFoundError/ValueError)."""
+    """Fail before any work starts when an input names nothing readable or a few-shot file is malformed (raises
+    FileNotFoundError/ValueError/StageError)."""
     from .corpus import SUPPORTED_SUFFIXES
     from .paths import expand_inputs, resolve
 
@@ -31,13 +34,15 @@ def preflight(recipe: Recipe) -> None:
             if fs.get_file_info(path).type.name != "File":
                 raise FileNotFoundError(f"select.classifier: no file at {s.classifier!r}")
     _preflight_embed(recipe)
+    if recipe.retrieve is not None:
+        load_few_shots(recipe.retrieve.few_shots, recipe.retrieve.few_shot_field)
 
 
 def _preflight_embed(recipe: Recipe) -> None:
     from .corpus import SUPPORTED_SUFFIXES
     from .paths import expand_inputs
 
-    if recipe.embed is not None:
+    if recipe.embed is not None and recipe.embed.corpus is not None:  # null: select's output, made by this run
         try:
             expand_inputs(recipe.embed.corpus, SUPPORTED_SUFFIXES)
         except (FileNotFoundError, ValueError) as e:

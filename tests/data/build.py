@@ -48,4 +48,13 @@ corpus = [{"id": r["id"], "text": r["text"], "source": "hidden_medical_abstract"
 rng.shuffle(corpus)
 for shard in range(3):
     write_jsonl_gz(examples / "corpus" / f"web-{shard:03d}.jsonl.gz", corpus[shard::3])
+# CRAFT retrieval: PubMedQA's 1,000 expert-labelled abstracts (biomedical documents to find) and CRAFT's BioQA and
+# MedQA few-shots (task examples to find them with), copied as they are.
+pubmedqa = [json.loads(line) for line in open(shared / "pubmedqa" / "pqal_1k.jsonl")]
+write_jsonl_gz(here / "pubmedqa_abstracts.jsonl.gz",
+               [{"id": f"pubmedqa-{r['pmid']}", "text": r["context"], "source": "pubmedqa"} for r in pubmedqa])
+for task in ("bioqa", "medqa"):
+    few_shots = (shared / "craft_fewshot" / f"{task}.corpus-task-32.jsonl").read_bytes()
+    (here / f"craft_{task}_fewshot.jsonl").write_bytes(few_shots)
+(examples / "craft_bioqa_fewshot.jsonl").write_bytes((here / "craft_bioqa_fewshot.jsonl").read_bytes())
 print(len(abstracts), "abstracts,", len(pool), "pool docs,", len(corpus), "quickstart corpus docs")

@@ -1,0 +1,172 @@
+"""CRAFT step 2 — index the embedded corpus with faiss, in one Ray task (on a GPU node when faiss-gpu is there).
+
+The kind follows the corpus size (exact search up to ``exact_max_rows`` vectors, IVF above) unless the recipe names
+one. IVF kinds are trained on a sample drawn from every shard in proportion to its size; vectors are then added
+shard by shard, so no more than one shard's vectors and the index itself are in memory at once. The index, the
+position -> row map and ``index.json`` (what retrieve needs: plan, model, corpus) land in ``<run>/index/``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import resource
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from ..actors.embedding import EMBEDDING, arrow_to_vectors
+from ..actors.vector_index import (IndexPlan, faiss_gpus, finish_for_saving, index_to_bytes, new_index,
+                                   set_search_parameters, to_gpus)
+from . import corpus
+from .recipe import IndexConfig
+from .report import markdown_table, write_report
+from .rundir import StageDir, StageError
+
+MIN_TRAINING_POINTS_PER_CELL = 39  # faiss warns below this many k-means points per centroid
+
+
+class IndexBuildError(StageError):
+    """The index step cannot run (no embeddings, an impossible setting); the message says which."""
+
+
+def plan_index(cfg: IndexConfig, rows: int, dim: int) -> IndexPlan:
+    kind = cfg.kind if cfg.kind != "auto" else ("flat" if rows <= cfg.exact_max_rows else "ivf")
+    if kind in ("ivf", "ivfpq"):
+        trainable = max(1, min(rows, cfg.train_rows) // MIN_TRAINING_POINTS_PER_CELL)
+        nlist = cfg.nlist or min(trainable, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(rows)))))
+        if nlist > rows:
+            raise IndexBuildError(f"index.nlist: {nlist} cells for {rows} vectors; expected at most {rows}")
+        nprobe = min(nlist, cfg.nprobe or max(1, nlist // 32))
+        if kind == "ivfpq" and dim % cfg.pq_m:
+            raise IndexBuildError(f"index.pq_m: {cfg.pq_m} does not divide the embedding dimension {dim}; expected a "
+                              f"divisor such as {next(m for m in (64, 48, 32, 16, 8, 4, 2, 1) if dim % m == 0)}")
+        return IndexPlan(kind, dim, nlist=nlist, nprobe=nprobe, pq_m=cfg.pq_m if kind == "ivfpq" else None)
+    if kind == "hnsw":
+        return IndexPlan(kind, dim, hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction, ef_search=cfg.ef_search)
+    return IndexPlan(kind, dim)
+
+
+def list_shards(data_uri: str) -> list[tuple[str, int]]:
+    """The embed stage's Parquet shards with their row counts (from the footers; nothing is read)."""
+    from pyarrow.fs import FileSelector
+
+    fs, root = StageDir(data_uri).fs_path
+    if fs.get_file_info(root).type.name != "Directory":
+        return []
+    files = sorted(i.path for i in fs.get_file_info(FileSelector(root)) if i.path.endswith(".parquet"))
+    return [(f, pq.ParquetFile(f, filesystem=fs).metadata.num_rows) for f in files]
+
+
+def read_shard(data_uri: str, path: str) -> tuple[np.ndarray, np.ndarray]:
+    fs, _ = StageDir(data_uri).fs_path
+    table = pq.read_table(path, columns=[corpus.ORDER, EMBEDDING], filesystem=fs)
+    return table.column(corpus.ORDER).to_numpy(), arrow_to_vectors(table.column(EMBEDDING))
+
+
+def training_sample(data_uri: str, shards: list[tuple[str, int]], rows: int, seed: int) -> np.ndarray:
+    """``rows`` vectors drawn uniformly over all shards (each shard gives its share)."""
+    total = sum(n for _, n in shards)
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(total, size=min(rows, total), replace=False))
+    parts, start = [], 0
+    for path, n in shards:
+        local = chosen[(chosen >= start) & (chosen < start + n)] - start
+        if len(local):
+            parts.append(read_shard(data_uri, path)[1][local])
+        start += n
+    return np.concatenate(parts)
+
+
+def build_index(data_uri: str, shards: list[tuple[str, int]], plan: IndexPlan, cfg: IndexConfig, out: StageDir,
+                threads: int, use_gpu: bool) -> dict:
+    """Train (IVF), add shard by shard, save. Runs inside a Ray task; returns timings and sizes."""
+    import faiss
+    from tqdm.auto import tqdm
+
+    faiss.omp_set_num_threads(threads)
+    use_gpu = use_gpu and plan.gpu_capable and faiss_gpus() > 0
+    index = new_index(plan)
+    if use_gpu:
+        index = to_gpus(index)
+    stats = {"gpu": use_gpu, "threads": threads, "train_rows": 0, "train_seconds": 0.0}
+    t = time.perf_counter()
+    if plan.needs_training:
+        sample = training_sample(data_uri, shards, cfg.train_rows, cfg.seed)
+        index.train(sample)
+        stats.update(train_rows=len(sample), train_seconds=round(time.perf_counter() - t, 3))
+    t = time.perf_counter()
+    row_ids = []
+    for path, _ in tqdm(shards, desc="index: adding shards", unit="shard"):
+        orders, vectors = read_shard(data_uri, path)
+        index.add(vectors)
+        row_ids.append(orders)
+    stats["add_seconds"] = round(time.perf_counter() - t, 3)
+    index = finish_for_saving(index, plan)
+    set_search_parameters(index, plan)
+    data = index_to_bytes(index)
+    out.write_bytes("index.faiss", data.tobytes())
+    ids = np.concatenate(row_ids) if row_ids else np.zeros(0, np.int64)
+    buf = io.BytesIO()
+    np.save(buf, ids.astype(np.int64))
+    out.write_bytes("row_ids.npy", buf.getvalue())
+    stats.update(index_bytes=int(data.nbytes), ntotal=int(index.ntotal),
+                 peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    return stats
+
+
+def largest_node_cpus() -> int:
+    return max(1, int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)))
+
+
+def wants_gpu(setting: bool | None, plan: IndexPlan) -> bool:
+    """Ask Ray for a GPU when the recipe says so, or (unset) when the cluster has one and the kind can use it."""
+    if setting is not None:
+        return setting and plan.gpu_capable
+    return plan.gpu_capable and ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def embed_output(stage: StageDir) -> tuple[dict, str]:
+    embed = StageDir(stage.sibling("embed"))
+    report = embed.read_json("report.json")
+    if not report:
+        raise IndexBuildError(f"index: no finished embed stage in {embed.uri} (run embed first, or give the recipe an "
+                          "embed section)")
+    return report, embed.child("data")
+
+
+def run_index(cfg: IndexConfig, stage: StageDir) -> dict:
+    started = time.perf_counter()
+    embed_report, data_uri = embed_output(stage)
+    shards = [(p, n) for p, n in list_shards(data_uri) if n]
+    rows = sum(n for _, n in shards)
+    if rows == 0:
+        raise IndexBuildError(f"index: the corpus is empty: {embed_report['rows_in']} rows read, none embedded "
+                          f"(see {stage.sibling('embed', 'quarantine.jsonl')})")
+    plan = plan_index(cfg, rows, embed_report["dimensions"])
+    threads = cfg.num_cpus or largest_node_cpus()
+    gpu = wants_gpu(cfg.gpu, plan)
+    # max_calls=1: the worker exits afterwards, handing the index's memory back.
+    task = ray.remote(max_calls=1)(build_index).options(num_cpus=threads, num_gpus=1 if gpu else 0)
+    stats = ray.get(task.remote(data_uri, shards, plan, cfg, stage, threads, gpu))
+    if stats["ntotal"] != rows:
+        raise IndexBuildError(f"index holds {stats['ntotal']} vectors, the shards {rows}")
+    meta = {"plan": plan.to_dict(), "factory": plan.factory, "rows": rows, "model": embed_report["model"],
+            "max_seq_length": embed_report["max_seq_length"], "corpus": embed_report["corpus"], "gpu": stats["gpu"]}
+    stage.write_json("index.json", meta)
+    report = {"stage": "index", "rows_in": rows, "rows_out": rows, "rows_quarantined": 0, "rows_filtered": {},
+              "kind": plan.kind, "factory": plan.factory, "nlist": plan.nlist, "nprobe": plan.nprobe,
+              "shards": len(shards), **stats, "seconds": round(time.perf_counter() - started, 3),
+              "outputs": {"index": stage.child("index.faiss"), "row_ids": stage.child("row_ids.npy"),
+                          "meta": stage.child("index.json")}}
+    write_report(stage, report, "\n".join([
+        "# index — faiss index of the corpus embeddings (CRAFT step 2)", "",
+        markdown_table([("vectors", rows), ("kind", f"{plan.kind} (`{plan.factory}`)"),
+                        ("cells searched (nprobe / nlist)", f"{plan.nprobe} / {plan.nlist}" if plan.nlist else "-"),
+                        ("trained on", stats["train_rows"]), ("train seconds", stats["train_seconds"]),
+                        ("add seconds", stats["add_seconds"]), ("index size (MiB)", round(stats["index_bytes"] / 2**20, 1)),
+                        ("on GPU", stats["gpu"]), ("peak memory of the build (MiB)", stats["peak_rss_mib"]),
+                        ("seconds", report["seconds"])]), ""]))
+    return report
