@@ -13,7 +13,8 @@ index (no training; CPU only).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import tempfile
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -88,24 +89,86 @@ def finish_for_saving(index, plan: IndexPlan):
 
 
 def set_search_parameters(index, plan: IndexPlan) -> None:
+    """nprobe (IVF) or efSearch (HNSW), through faiss's parameter space (CPU and GPU indexes alike)."""
     import faiss
 
+    space = faiss.GpuParameterSpace() if "Gpu" in type(index).__name__ else faiss.ParameterSpace()
     if plan.needs_training:
-        faiss.extract_index_ivf(index).nprobe = plan.nprobe
+        space.set_index_parameter(index, "nprobe", plan.nprobe)
     elif plan.kind == "hnsw":
-        index.hnsw.efSearch = plan.ef_search
+        space.set_index_parameter(index, "efSearch", plan.ef_search)
 
 
-def index_to_bytes(index) -> np.ndarray:
+def save_index(index, filesystem, path: str) -> None:
+    """Write the index where the run lives. faiss writes local files itself (no copy of the index in memory); other
+    filesystems get a local temporary file streamed up."""
     import faiss
+    import pyarrow.fs as pafs
 
-    return faiss.serialize_index(index)
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        faiss.write_index(index, path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        faiss.write_index(index, f"{tmp}/index.faiss")
+        pafs.copy_files(f"{tmp}/index.faiss", path, destination_filesystem=filesystem)
 
 
-def index_from_bytes(data: bytes):
+def load_index(filesystem, path: str):
     import faiss
+    import pyarrow.fs as pafs
 
-    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return faiss.read_index(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        pafs.copy_files(path, f"{tmp}/index.faiss", source_filesystem=filesystem)
+        return faiss.read_index(f"{tmp}/index.faiss")
+
+
+class ExactNeighbours:
+    """The exact top-k of a few queries, kept up to date as vectors arrive shard by shard (one matrix product a
+    shard), so an approximate index's recall can be measured without a second pass over the shards."""
+
+    def __init__(self, queries: np.ndarray, k: int):
+        self.queries, self.k = queries, k
+        self.scores = np.full((len(queries), 0), -np.inf, np.float32)
+        self.positions = np.zeros((len(queries), 0), np.int64)
+        self.seen = 0
+
+    def add(self, vectors: np.ndarray) -> None:
+        scores = np.concatenate([self.scores, self.queries @ vectors.T], axis=1)
+        positions = np.concatenate([self.positions, np.broadcast_to(
+            np.arange(self.seen, self.seen + len(vectors)), (len(self.queries), len(vectors)))], axis=1)
+        keep = np.argsort(-scores, axis=1)[:, :self.k]
+        self.scores = np.take_along_axis(scores, keep, axis=1)
+        self.positions = np.take_along_axis(positions, keep, axis=1)
+        self.seen += len(vectors)
+
+    def recall(self, found: np.ndarray) -> float:
+        return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, self.positions)]))
+
+
+def calibrate(index, plan: IndexPlan, exact: ExactNeighbours, target: float) -> tuple[IndexPlan, dict[int, float]]:
+    """Recall@k against exact search for growing search depths (IVF: nprobe doubling from nlist/512); the plan comes
+    back with the smallest depth that reaches ``target`` (the largest tried if none does). A depth the recipe set is
+    only measured."""
+    if plan.kind == "flat":
+        return plan, {}
+    if plan.kind == "hnsw":
+        depths, name = [plan.ef_search], "ef_search"
+    elif plan.nprobe is not None:
+        depths, name = [plan.nprobe], "nprobe"
+    else:
+        depths, name = sorted({min(plan.nlist, max(1, plan.nlist // 512) * 2 ** i) for i in range(12)}), "nprobe"
+    curve: dict[int, float] = {}
+    for depth in depths:
+        trial = replace(plan, **{name: depth})
+        set_search_parameters(index, trial)
+        curve[depth] = exact.recall(index.search(exact.queries, exact.k)[1])
+        if curve[depth] >= target:
+            break
+    chosen = replace(plan, **{name: depth})
+    set_search_parameters(index, chosen)
+    return chosen, curve
 
 
 class VectorSearcher:
@@ -122,8 +185,7 @@ class VectorSearcher:
         faiss.omp_set_num_threads(threads)
         torch.set_num_threads(threads)
         self.plan = IndexPlan(**plan)
-        with filesystem.open_input_file(f"{index_dir}/index.faiss") as f:
-            self.cpu_index = index_from_bytes(f.read())
+        self.cpu_index = load_index(filesystem, f"{index_dir}/index.faiss")
         with filesystem.open_input_file(f"{index_dir}/row_ids.npy") as f:
             self.row_ids = np.load(f)
         set_search_parameters(self.cpu_index, self.plan)

@@ -10,12 +10,18 @@ end (the CLI, Ray start-up included) and the stage alone (what a running cluster
 
 from __future__ import annotations
 
+import os
+import sys
+
+# benchmarks/select.py is named like the stdlib module `select` (which `subprocess` imports): this folder goes last on
+# the import path.
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE] + [HERE]
+
 import argparse
 import gzip
 import json
-import os
 import random
-import sys
 import tempfile
 from pathlib import Path
 

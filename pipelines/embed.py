@@ -20,7 +20,9 @@ from .report import markdown_table, write_report
 from .rundir import StageDir, StageError
 
 QUARANTINE_PARTS = "_quarantine"
-FORWARD_PASSES_PER_CALL = 4  # batches per actor call (and per block)
+# Batches per actor call (and per block). sentence-transformers sorts a call's texts by length, so bigger calls pad
+# less (measured on 20k documents: 4 batches a call cost 12% against one process encoding 5,000 texts a call).
+FORWARD_PASSES_PER_CALL = 8
 
 
 class EmbedError(StageError):

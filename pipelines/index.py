@@ -18,14 +18,15 @@ import pyarrow.parquet as pq
 import ray
 
 from ..actors.embedding import EMBEDDING, arrow_to_vectors
-from ..actors.vector_index import (IndexPlan, faiss_gpus, finish_for_saving, index_to_bytes, new_index,
-                                   set_search_parameters, to_gpus)
+from ..actors.vector_index import (ExactNeighbours, IndexPlan, calibrate, faiss_gpus, finish_for_saving, new_index,
+                                   save_index, set_search_parameters, to_gpus)
 from . import corpus
 from .recipe import IndexConfig
 from .report import markdown_table, write_report
 from .rundir import StageDir, StageError
 
 MIN_TRAINING_POINTS_PER_CELL = 39  # faiss warns below this many k-means points per centroid
+RECALL_AT = 10
 
 
 class IndexBuildError(StageError):
@@ -37,9 +38,10 @@ def plan_index(cfg: IndexConfig, rows: int, dim: int) -> IndexPlan:
     if kind in ("ivf", "ivfpq"):
         trainable = max(1, min(rows, cfg.train_rows) // MIN_TRAINING_POINTS_PER_CELL)
         nlist = cfg.nlist or min(trainable, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(rows)))))
-        if nlist > rows:
-            raise IndexBuildError(f"index.nlist: {nlist} cells for {rows} vectors; expected at most {rows}")
-        nprobe = min(nlist, cfg.nprobe or max(1, nlist // 32))
+        if nlist > min(rows, cfg.train_rows):
+            raise IndexBuildError(f"index.nlist: {nlist} cells need at least as many training vectors; expected at "
+                                  f"most {min(rows, cfg.train_rows)} ({rows} vectors, train_rows {cfg.train_rows})")
+        nprobe = min(nlist, cfg.nprobe) if cfg.nprobe else None  # None: calibrated after the build
         if kind == "ivfpq" and dim % cfg.pq_m:
             raise IndexBuildError(f"index.pq_m: {cfg.pq_m} does not divide the embedding dimension {dim}; expected a "
                               f"divisor such as {next(m for m in (64, 48, 32, 16, 8, 4, 2, 1) if dim % m == 0)}")
@@ -82,37 +84,48 @@ def training_sample(data_uri: str, shards: list[tuple[str, int]], rows: int, see
 
 def build_index(data_uri: str, shards: list[tuple[str, int]], plan: IndexPlan, cfg: IndexConfig, out: StageDir,
                 threads: int, use_gpu: bool) -> dict:
-    """Train (IVF), add shard by shard, save. Runs inside a Ray task; returns timings and sizes."""
+    """Train (IVF), add shard by shard, measure recall (and choose the search depth), save. Runs inside a Ray task;
+    returns the final plan, timings and sizes."""
     import faiss
     from tqdm.auto import tqdm
 
     faiss.omp_set_num_threads(threads)
-    use_gpu = use_gpu and plan.gpu_capable and faiss_gpus() > 0
+    use_gpu = bool(use_gpu and plan.gpu_capable and faiss_gpus() > 0)
     index = new_index(plan)
     if use_gpu:
         index = to_gpus(index)
     stats = {"gpu": use_gpu, "threads": threads, "train_rows": 0, "train_seconds": 0.0}
     t = time.perf_counter()
+    queries = None
+    if plan.kind != "flat":  # recall is measured with corpus vectors as queries
+        queries = training_sample(data_uri, shards, cfg.calibration_queries, cfg.seed + 1)
     if plan.needs_training:
         sample = training_sample(data_uri, shards, cfg.train_rows, cfg.seed)
         index.train(sample)
         stats.update(train_rows=len(sample), train_seconds=round(time.perf_counter() - t, 3))
     t = time.perf_counter()
+    exact = ExactNeighbours(queries, k=RECALL_AT) if queries is not None else None
     row_ids = []
     for path, _ in tqdm(shards, desc="index: adding shards", unit="shard"):
         orders, vectors = read_shard(data_uri, path)
         index.add(vectors)
+        if exact is not None:
+            exact.add(vectors)
         row_ids.append(orders)
     stats["add_seconds"] = round(time.perf_counter() - t, 3)
+    if exact is not None:
+        plan, curve = calibrate(index, plan, exact, cfg.target_recall)
+        stats["recall_curve"] = {str(depth): round(r, 4) for depth, r in curve.items()}
+        stats["recall_at_10"] = round(curve[plan.nprobe if plan.needs_training else plan.ef_search], 4)
     index = finish_for_saving(index, plan)
     set_search_parameters(index, plan)
-    data = index_to_bytes(index)
-    out.write_bytes("index.faiss", data.tobytes())
-    ids = np.concatenate(row_ids) if row_ids else np.zeros(0, np.int64)
+    fs, root = out.fs_path
+    fs.create_dir(root, recursive=True)
+    save_index(index, fs, f"{root}/index.faiss")
     buf = io.BytesIO()
-    np.save(buf, ids.astype(np.int64))
+    np.save(buf, (np.concatenate(row_ids) if row_ids else np.zeros(0)).astype(np.int64))
     out.write_bytes("row_ids.npy", buf.getvalue())
-    stats.update(index_bytes=int(data.nbytes), ntotal=int(index.ntotal),
+    stats.update(plan=plan, index_bytes=fs.get_file_info(f"{root}/index.faiss").size, ntotal=int(index.ntotal),
                  peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     return stats
 
@@ -151,6 +164,7 @@ def run_index(cfg: IndexConfig, stage: StageDir) -> dict:
     # max_calls=1: the worker exits afterwards, handing the index's memory back.
     task = ray.remote(max_calls=1)(build_index).options(num_cpus=threads, num_gpus=1 if gpu else 0)
     stats = ray.get(task.remote(data_uri, shards, plan, cfg, stage, threads, gpu))
+    plan = stats.pop("plan")
     if stats["ntotal"] != rows:
         raise IndexBuildError(f"index holds {stats['ntotal']} vectors, the shards {rows}")
     meta = {"plan": plan.to_dict(), "factory": plan.factory, "rows": rows, "model": embed_report["model"],
@@ -165,6 +179,10 @@ def run_index(cfg: IndexConfig, stage: StageDir) -> dict:
         "# index — faiss index of the corpus embeddings (CRAFT step 2)", "",
         markdown_table([("vectors", rows), ("kind", f"{plan.kind} (`{plan.factory}`)"),
                         ("cells searched (nprobe / nlist)", f"{plan.nprobe} / {plan.nlist}" if plan.nlist else "-"),
+                        (f"recall@{RECALL_AT} against exact search ({cfg.calibration_queries} corpus vectors as "
+                         "queries)", stats.get("recall_at_10", "1.0 (exact)")),
+                        ("recall by search depth", ", ".join(f"{d}: {r}" for d, r in
+                                                             stats.get("recall_curve", {}).items()) or "-"),
                         ("trained on", stats["train_rows"]), ("train seconds", stats["train_seconds"]),
                         ("add seconds", stats["add_seconds"]), ("index size (MiB)", round(stats["index_bytes"] / 2**20, 1)),
                         ("on GPU", stats["gpu"]), ("peak memory of the build (MiB)", stats["peak_rss_mib"]),

@@ -121,7 +121,11 @@ class IndexConfig(Strict):
         "auto", description="auto = exact 'flat' up to exact_max_rows vectors, 'ivf' above.")
     exact_max_rows: int = Field(200_000, gt=0, description="auto: the largest corpus searched exactly.")
     nlist: Optional[int] = Field(None, gt=0, description="IVF cells; null = a power of two near 4*sqrt(rows).")
-    nprobe: Optional[int] = Field(None, gt=0, description="IVF cells searched per query; null = nlist/32.")
+    nprobe: Optional[int] = Field(None, gt=0, description="IVF cells searched per query; null = the fewest that "
+                                                          "reach target_recall (measured at build time).")
+    target_recall: float = Field(0.99, gt=0, le=1, description="IVF with nprobe unset: recall@10 against exact "
+                                                               "search that the chosen nprobe must reach.")
+    calibration_queries: int = Field(256, gt=0, description="Corpus vectors used as queries to measure recall.")
     pq_m: int = Field(48, gt=0, description="ivfpq: sub-quantizers (must divide the dimension); 8 bits each.")
     hnsw_m: int = Field(32, gt=0, description="hnsw: graph neighbours per vector.")
     ef_construction: int = Field(80, gt=0, description="hnsw: build-time search depth.")

@@ -81,3 +81,30 @@ def test_a_corpus_smaller_than_top_k_returns_what_there_is():
     originals = sorted(p if p < 30 else p - 30 for p in hits.positions)
     assert originals == list(range(30))  # every distinct document once, whichever copy came first
     assert hits.near_duplicates == 5
+
+
+def test_recall_is_measured_while_adding_and_the_smallest_sufficient_nprobe_is_chosen():
+    from domainsynth.actors.vector_index import ExactNeighbours, IndexPlan, calibrate, new_index
+
+    rng = np.random.default_rng(3)
+    centres = _normalise(rng.standard_normal((40, 32)))
+    vectors = _normalise(centres[rng.integers(40, size=6000)] + 0.3 * rng.standard_normal((6000, 32)))
+    queries = vectors[rng.choice(6000, 100, replace=False)]
+    plan = IndexPlan("ivf", 32, nlist=64)
+    index = new_index(plan)
+    index.train(vectors)
+    exact = ExactNeighbours(queries, k=10)
+    for shard in np.array_split(vectors, 7):  # shard by shard, as the index step adds them
+        index.add(shard)
+        exact.add(shard)
+    truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+    assert exact.recall(truth) == 1.0
+
+    chosen, curve = calibrate(index, plan, exact, target=0.9)
+    depths = list(curve)
+    assert depths == sorted(depths) and chosen.nprobe == depths[-1]
+    assert curve[chosen.nprobe] >= 0.9 and all(curve[d] < 0.9 for d in depths[:-1])
+    assert len(depths) > 1  # the first depth tried was not enough: the search really went deeper
+    import faiss
+
+    assert faiss.extract_index_ivf(index).nprobe == chosen.nprobe
