@@ -95,10 +95,10 @@ def build_index(data_uri: str, shards: list[tuple[str, int]], plan: IndexPlan, c
     if use_gpu:
         index = to_gpus(index)
     stats = {"gpu": use_gpu, "threads": threads, "train_rows": 0, "train_seconds": 0.0}
-    t = time.perf_counter()
     queries = None
     if plan.kind != "flat":  # recall is measured with corpus vectors as queries
         queries = training_sample(data_uri, shards, cfg.calibration_queries, cfg.seed + 1)
+    t = time.perf_counter()
     if plan.needs_training:
         sample = training_sample(data_uri, shards, cfg.train_rows, cfg.seed)
         index.train(sample)
