@@ -133,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="faiss index (default auto: exact up to 200,000 documents, IVF above)")
     _add_common(ret)
 
+    models = sub.add_parser("models", help="model utilities (make-tiny: a tiny model for tests and the demo)")
+    models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    tiny = models_sub.add_parser(
+        "make-tiny", help="write a tiny Llama-architecture model and a locally trained tokenizer",
+        description="Write a tiny Llama-architecture causal LM (2 layers, hidden 128, head_dim 64, random seeded "
+                    "weights) and a byte-level BPE tokenizer trained on the bundled texts, with a chat template, in "
+                    "Hugging Face format. Nothing is downloaded.")
+    tiny.add_argument("dir", metavar="DIR", help="output folder")
+
     run = sub.add_parser("run", help="run every stage a recipe configures",
                          description="Validate RECIPE.yaml (see docs/recipes.md), then run its stages in order. "
                                      "A finished stage whose marker matches the recipe is skipped; an interrupted "
@@ -247,6 +256,11 @@ def summarise(reports: dict[str, dict], run_dir: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "models":
+        from ..actors.tiny_models import make_tiny_llama
+
+        print(f"Tiny model written to {make_tiny_llama(args.dir)}")
+        return 0
     try:
         if args.command == "select":
             recipe = recipe_from_select_args(args)

@@ -1,0 +1,75 @@
+"""The transformers engine with a tiny Llama built here (random weights: the text is gibberish, the behaviour is
+real): seeded sampling, greedy decoding, batching with left padding, soft-prompt prefixes, stop strings and
+parameter validation. No Ray needed: this is what the Serve replicas and batch actors will hold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from domainsynth.actors.engines import SamplingParams, TransformersEngine
+from domainsynth.cluster.cli import main
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    assert main(["models", "make-tiny", str(out)]) == 0  # through the CLI, as a user makes one
+    return TransformersEngine(str(out))
+
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0)
+
+
+def test_seeded_sampling_repeats_and_n_gives_n_completions(engine):
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.95, top_k=50, n=3, seed=7)
+    first = engine.generate(["The patient was", "Genes encode proteins"], params)
+    again = engine.generate(["The patient was", "Genes encode proteins"], params)
+    assert [[c.text for c in row] for row in first] == [[c.text for c in row] for row in again]
+    assert [len(row) for row in first] == [3, 3]
+    assert len({c.text for c in first[0]}) > 1  # three samples, not one repeated
+    other = engine.generate(["The patient was"], params.model_copy(update={"seed": 8}))
+    assert [c.text for c in other[0]] != [c.text for c in first[0]]
+
+
+def test_batched_prompts_decode_as_they_would_alone(engine):
+    prompts = ["Cells", "The immune system defends the body against infection by"]
+    together = engine.generate(prompts, GREEDY)
+    alone = [engine.generate([p], GREEDY)[0] for p in prompts]
+    assert [row[0].text for row in together] == [row[0].text for row in alone]
+    completion = together[0][0]
+    assert completion.completion_tokens <= 10 and completion.prompt_tokens == engine.count_tokens("Cells")
+    assert completion.finish_reason in ("stop", "length")
+
+
+def test_a_soft_prompt_prefix_changes_the_output(engine):
+    plain = engine.generate(["The patient was"], GREEDY)[0][0].text
+    prefix = np.random.default_rng(0).standard_normal((8, engine.hidden_size)).astype(np.float32)
+    prefixed = engine.generate(["The patient was"], GREEDY, prefix=prefix)[0][0].text
+    assert prefixed != plain
+    assert engine.generate(["The patient was"], GREEDY, prefix=prefix)[0][0].text == prefixed
+    with pytest.raises(ValueError, match=r"prefix: expected shape \[m, 128\]"):
+        engine.generate(["x"], GREEDY, prefix=prefix[:, :10])
+
+
+def test_stop_strings_end_the_completion_before_the_stop(engine):
+    text = engine.generate(["The patient was"], SamplingParams(max_tokens=20, temperature=0))[0][0].text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert stop.strip()
+    stopped = engine.generate(["The patient was"], SamplingParams(max_tokens=20, temperature=0, stop=[stop]))[0][0]
+    assert stop not in stopped.text and text.startswith(stopped.text) and stopped.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("field, value", [("temperature", 3.0), ("top_p", 0.0), ("max_tokens", 0), ("n", 0),
+                                          ("top_k", -1), ("seed", -5), ("stopp", ["x"])])
+def test_out_of_range_sampling_parameters_are_refused(field, value):
+    with pytest.raises(ValidationError) as err:
+        SamplingParams(**{field: value})
+    assert field in str(err.value)
+
+
+def test_chat_prompts_use_the_model_chat_template(engine):
+    prompt = engine.chat_prompt([{"role": "user", "content": "What do genes encode?"}])
+    assert prompt.endswith("<|assistant|>\n") and "What do genes encode?" in prompt
+    assert engine.generate([prompt], GREEDY)[0][0].completion_tokens > 0
