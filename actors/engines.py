@@ -8,11 +8,12 @@ come); so will the Serve deployment and the batch-generation actors, which hold 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class SamplingParams(BaseModel):
@@ -26,6 +27,20 @@ class SamplingParams(BaseModel):
     n: int = Field(1, ge=1, le=32, description="Completions per prompt.")
     seed: Optional[int] = Field(None, ge=0, description="Same seed, same prompt, same output.")
     stop: list[str] = Field(default_factory=list, max_length=8)
+    json_schema: Optional[dict] = Field(None, description="Structured output: every completion is JSON valid "
+                                                          "against this JSON schema.")
+
+    @field_validator("json_schema")
+    @classmethod
+    def _is_a_json_schema(cls, value: Optional[dict]) -> Optional[dict]:
+        if value is not None:
+            from jsonschema import Draft202012Validator, SchemaError
+
+            try:
+                Draft202012Validator.check_schema(value)
+            except SchemaError as e:
+                raise ValueError(f"not a valid JSON schema: {e.message}") from None
+        return value
 
 
 @dataclass
@@ -50,6 +65,8 @@ class TransformersEngine:
             model, dtype=getattr(torch, dtype) if dtype else "auto").to(self.device).eval()
         self.hidden_size = self.model.config.hidden_size
         self.max_model_len = self.model.config.max_position_embeddings
+        self._grammar_compiler = None  # xgrammar's view of the vocabulary, built on the first structured request
+        self._banned_tokens = None
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=True).input_ids)
@@ -90,12 +107,33 @@ class TransformersEngine:
                 top_p=params.top_p if sampling else None, top_k=params.top_k if sampling else None,
                 num_return_sequences=params.n, pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self.tokenizer.eos_token_id, stop_strings=params.stop or None,
-                tokenizer=self.tokenizer if params.stop else None)
+                tokenizer=self.tokenizer if params.stop else None,
+                logits_processor=self._json_constraint(params.json_schema) if params.json_schema else None)
         results = []
         for i, prompt_tokens in enumerate(lengths):
             results.append([self._completion(out[i * params.n + j], prompt_tokens, params)
                             for j in range(params.n)])
         return results
+
+    def _json_constraint(self, schema: dict) -> list:
+        """Logits processors that keep every sequence a prefix of compact JSON valid against ``schema``: xgrammar's
+        grammar mask (what vLLM uses for structured output) plus a ban on two kinds of tokens xgrammar lets into
+        strings: control characters (JSON forbids them unescaped) and lone bytes of a multi-byte character (they can
+        end up as invalid UTF-8, and a string's length in characters then differs from what the grammar counted)."""
+        import torch
+        import xgrammar
+        from transformers import LogitsProcessorList
+        from xgrammar.contrib.hf import LogitsProcessor
+
+        if self._grammar_compiler is None:
+            info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size)
+            self._grammar_compiler = xgrammar.GrammarCompiler(info)
+            special = set(self.tokenizer.all_special_ids)
+            self._banned_tokens = torch.tensor([
+                t for t in range(len(self.tokenizer)) if t not in special
+                and _not_json_text(self.tokenizer.decode([t]))], dtype=torch.long)
+        grammar = self._grammar_compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+        return LogitsProcessorList([_BanTokens(self._banned_tokens), LogitsProcessor(grammar)])
 
     def _completion(self, tokens, prompt_tokens: int, params: SamplingParams) -> Completion:
         ids = tokens.tolist()
@@ -110,3 +148,18 @@ class TransformersEngine:
             text, ended = text[:cut], True
         return Completion(text=text, finish_reason="stop" if ended else "length", prompt_tokens=prompt_tokens,
                           completion_tokens=len(ids))
+
+
+def _not_json_text(token_text: str) -> bool:
+    return "\ufffd" in token_text or any(ord(c) < 32 for c in token_text)
+
+
+class _BanTokens:
+    """A logits processor that rules some tokens out entirely."""
+
+    def __init__(self, token_ids):
+        self.token_ids = token_ids
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.token_ids.to(scores.device)] = float("-inf")
+        return scores

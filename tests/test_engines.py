@@ -73,3 +73,31 @@ def test_chat_prompts_use_the_model_chat_template(engine):
     prompt = engine.chat_prompt([{"role": "user", "content": "What do genes encode?"}])
     assert prompt.endswith("<|assistant|>\n") and "What do genes encode?" in prompt
     assert engine.generate([prompt], GREEDY)[0][0].completion_tokens > 0
+
+
+QUIZ = {"type": "object", "additionalProperties": False, "required": ["question", "options", "answer"],
+        "properties": {"question": {"type": "string", "minLength": 5, "maxLength": 60},
+                       "options": {"type": "array", "minItems": 4, "maxItems": 4,
+                                   "items": {"type": "string", "maxLength": 20}},
+                       "answer": {"type": "string", "enum": ["A", "B", "C", "D"]}}}
+
+
+def test_structured_output_always_parses_against_its_schema(engine):
+    """Random weights would write anything; the grammar leaves them only JSON that fits the schema."""
+    import json
+
+    import jsonschema
+
+    completions = []
+    for seed in range(3):
+        params = SamplingParams(max_tokens=200, temperature=1.0, n=4, seed=seed, json_schema=QUIZ)
+        completions += [c for row in engine.generate(["Write a quiz question:", "Q"], params) for c in row]
+    assert len(completions) == 24
+    for c in completions:
+        jsonschema.validate(json.loads(c.text), QUIZ)
+        assert c.finish_reason == "stop"
+    greedy = engine.generate(["Write a quiz question:"], GREEDY.model_copy(update={"max_tokens": 200,
+                                                                                   "json_schema": QUIZ}))
+    jsonschema.validate(json.loads(greedy[0][0].text), QUIZ)
+    with pytest.raises(ValidationError, match="not a valid JSON schema"):
+        SamplingParams(json_schema={"type": "no-such-type"})
