@@ -201,8 +201,7 @@ def recipe_from_retrieve_args(args: argparse.Namespace) -> Recipe:
         raw["index"] = {"kind": args.index_kind} if args.index_kind else {}
     recipe = build_recipe(raw, "command line", os.getcwd(), args.overrides)
     if existing is not None:
-        check_same_corpus(existing, [paths.resolve(c)[1] if not paths.is_uri(c) else c for c in args.corpus],
-                          index_dir.uri)
+        check_same_corpus(existing, args.corpus, index_dir.uri)
         for field, built in (("text_field", existing["corpus"]["text_field"]), ("model", existing["model"])):
             asked = getattr(args, field)
             if asked is not None and asked != built:

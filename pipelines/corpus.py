@@ -267,6 +267,13 @@ def _parse_line(raw_line: bytes) -> tuple[Any, str | None, str | None]:
     return record, None, text
 
 
+@contextlib.contextmanager
+def open_lines(filesystem, path: str) -> Iterator[Iterator[tuple[int, bytes]]]:
+    """(line number, raw line) of a JSONL/JSONL.GZ file, streamed (gzip undone by the filesystem)."""
+    with filesystem.open_input_stream(path, compression="gzip" if path.endswith(".gz") else None) as f:
+        yield enumerate(_iter_lines(f), 1)
+
+
 def _jsonl_records(f) -> Iterator[tuple[int, Any, str | None, str | None]]:
     """(line, record, reason, raw) for each non-blank line; blank lines are not rows."""
     for line_number, raw_line in enumerate(_iter_lines(f), 1):

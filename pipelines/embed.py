@@ -8,7 +8,6 @@ import json
 import time
 
 import pyarrow.dataset as pads
-import ray
 from ray.data import ActorPoolStrategy
 
 from ..actors.embedding import SentenceEmbedder
@@ -16,6 +15,7 @@ from . import corpus
 from .corpus import READ_TASK_CPUS, SUPPORTED_SUFFIXES, CorpusSpec, read_corpus
 from .paths import expand_inputs
 from .recipe import EmbedConfig
+from .resources import cluster_cpus, cluster_gpus
 from .report import markdown_table, write_report
 from .rundir import StageDir, StageError
 
@@ -33,7 +33,7 @@ def embedder_pool(cfg: EmbedConfig, cluster_cpus: int) -> tuple[int, float]:
     """(actors, CPUs per actor). On CPUs the default is one actor per CPU sharing what the read task leaves: several
     single-threaded torch processes embed faster than one multi-threaded one (tokenisation is serial)."""
     if cfg.num_gpus:
-        actors = cfg.concurrency or max(1, int(ray.cluster_resources().get("GPU", 0) // cfg.num_gpus))
+        actors = cfg.concurrency or max(1, int(cluster_gpus() // cfg.num_gpus))
         return actors, cfg.num_cpus or 1.0
     if cfg.num_cpus is None:
         actors = cfg.concurrency or cluster_cpus
@@ -54,8 +54,7 @@ def corpus_paths(cfg: EmbedConfig, stage: StageDir) -> list[str]:
 
 def run_embed(cfg: EmbedConfig, stage: StageDir) -> dict:
     started = time.perf_counter()
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    actors, cpus_per_actor = embedder_pool(cfg, cpus)
+    actors, cpus_per_actor = embedder_pool(cfg, cluster_cpus())
     spec = CorpusSpec(corpus_paths(cfg, stage), cfg.text_field, cfg.id_field)
     _, files = expand_inputs(spec.paths, SUPPORTED_SUFFIXES)
     data_uri, parts_uri = stage.child("data"), stage.child(QUARANTINE_PARTS)

@@ -22,6 +22,7 @@ from ..actors.vector_index import (ExactNeighbours, IndexPlan, calibrate, faiss_
                                    save_index, set_search_parameters, to_gpus)
 from . import corpus
 from .recipe import IndexConfig
+from .resources import cluster_gpus, largest_node_cpus
 from .report import markdown_table, write_report
 from .rundir import StageDir, StageError
 
@@ -95,12 +96,13 @@ def build_index(data_uri: str, shards: list[tuple[str, int]], plan: IndexPlan, c
     if use_gpu:
         index = to_gpus(index)
     stats = {"gpu": use_gpu, "threads": threads, "train_rows": 0, "train_seconds": 0.0}
-    queries = None
-    if plan.kind != "flat":  # recall is measured with corpus vectors as queries
-        queries = training_sample(data_uri, shards, cfg.calibration_queries, cfg.seed + 1)
     t = time.perf_counter()
+    queries = None
+    if plan.kind != "flat":  # recall is measured with corpus vectors as queries, drawn in the same pass as training's
+        wanted = cfg.calibration_queries + (cfg.train_rows if plan.needs_training else 0)
+        sample = np.random.default_rng(cfg.seed).permutation(training_sample(data_uri, shards, wanted, cfg.seed))
+        queries, sample = sample[:cfg.calibration_queries], sample[cfg.calibration_queries:]
     if plan.needs_training:
-        sample = training_sample(data_uri, shards, cfg.train_rows, cfg.seed)
         index.train(sample)
         stats.update(train_rows=len(sample), train_seconds=round(time.perf_counter() - t, 3))
     t = time.perf_counter()
@@ -130,15 +132,11 @@ def build_index(data_uri: str, shards: list[tuple[str, int]], plan: IndexPlan, c
     return stats
 
 
-def largest_node_cpus() -> int:
-    return max(1, int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)))
-
-
 def wants_gpu(setting: bool | None, plan: IndexPlan) -> bool:
     """Ask Ray for a GPU when the recipe says so, or (unset) when the cluster has one and the kind can use it."""
     if setting is not None:
         return setting and plan.gpu_capable
-    return plan.gpu_capable and ray.cluster_resources().get("GPU", 0) >= 1
+    return plan.gpu_capable and cluster_gpus() >= 1
 
 
 def embed_output(stage: StageDir) -> tuple[dict, str]:

@@ -13,7 +13,6 @@ closest few-shot), ``matched_few_shot`` (that few-shot's position in the few-sho
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import time
@@ -26,10 +25,11 @@ import ray
 
 from ..actors.vector_index import IndexPlan, VectorSearcher
 from . import corpus
-from .corpus import CorpusSpec, drop_internal_columns, read_corpus, single_operator_budget
-from .index import largest_node_cpus, wants_gpu
+from .corpus import CorpusSpec, drop_internal_columns, open_lines, read_corpus, single_operator_budget
+from .index import wants_gpu
 from .paths import expand_inputs
 from .recipe import RetrieveConfig
+from .resources import largest_node_cpus
 from .report import embedding_map_png, markdown_table, similarity_histogram_png, write_report
 from .rundir import StageDir, StageError, count_parquet_rows
 
@@ -50,13 +50,9 @@ def load_few_shots(specs: list[str], text_field: str | None) -> tuple[list[str],
         raise RetrieveError(f"retrieve.few_shots: {e}") from None
     texts, used = [], text_field
     for file in files:
-        with fs.open_input_stream(file.path) as f:
-            raw = f.read()
-        if file.path.endswith(".gz"):
-            raw = gzip.decompress(raw)
-        for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
-            if not line.strip():
-                continue
+        with open_lines(fs, file.path) as lines:
+            records = [(number, line.decode("utf-8", errors="replace")) for number, line in lines if line.strip()]
+        for number, line in records:
             where = f"retrieve.few_shots: {file.key}, line {number}"
             try:
                 record = json.loads(line)
@@ -211,10 +207,11 @@ def run_retrieve(cfg: RetrieveConfig, stage: StageDir) -> dict:
     searched = time.perf_counter()
 
     similarity = chosen_vectors @ queries.T
+    best = similarity.max(axis=1)
     chosen = pa.table({
         corpus.ORDER: pa.array(orders, pa.int64()),
         "rank": pa.array(np.arange(1, len(orders) + 1), pa.int32()),
-        "score": pa.array(similarity.max(axis=1), pa.float32()),
+        "score": pa.array(best, pa.float32()),
         "matched_few_shot": pa.array(similarity.argmax(axis=1), pa.int32()),
         "mean_score": pa.array(similarity.mean(axis=1), pa.float32()),
         "retrieved_by": pa.array(hits.retrieved_by, pa.string()),
@@ -234,7 +231,7 @@ def run_retrieve(cfg: RetrieveConfig, stage: StageDir) -> dict:
     sample_best = (sample_vectors @ queries.T).max(axis=1) if len(sample) else np.zeros(0)
     stage.write_bytes("embedding_map.png", embedding_map_png(sample_vectors, queries, chosen_vectors,
                                                              "retrieve: corpus, few-shots and retrieved documents"))
-    stage.write_bytes("scores.png", similarity_histogram_png(sample_best, similarity.max(axis=1)))
+    stage.write_bytes("scores.png", similarity_histogram_png(sample_best, best))
     report = {
         "stage": "retrieve", "rows_in": hits.candidates, "rows_out": len(orders), "rows_quarantined": 0,
         "rows_filtered": {"near_duplicate": hits.near_duplicates,
@@ -243,7 +240,7 @@ def run_retrieve(cfg: RetrieveConfig, stage: StageDir) -> dict:
         "retrieved_by": {how: hits.retrieved_by.count(how) for how in ("few_shot", "mean")},
         "matched_few_shot_counts": np.bincount(chosen.column("matched_few_shot").to_numpy(),
                                                minlength=len(shots)).tolist(),
-        "score": _summary(similarity.max(axis=1)), "corpus_sample_score": _summary(sample_best),
+        "score": _summary(best), "corpus_sample_score": _summary(sample_best),
         "fetch_rounds": hits.fetch_rounds, "index": index_dir.uri, "index_kind": plan.kind,
         "search_seconds": round(searched - started, 3), "seconds": round(time.perf_counter() - started, 3),
         "outputs": {"data": data_uri},

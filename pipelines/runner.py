@@ -17,36 +17,32 @@ STAGES: dict[str, Callable] = {"select": run_select, "embed": run_embed, "index"
 def preflight(recipe: Recipe) -> None:
     """Fail before any work starts when an input names nothing readable or a few-shot file is malformed (raises
     FileNotFoundError/ValueError/StageError)."""
-    from .corpus import SUPPORTED_SUFFIXES
-    from .paths import expand_inputs, resolve
+    from .paths import resolve
 
     if recipe.select is not None:
         s = recipe.select
         for field, specs in (("select.in_domain", s.in_domain), ("select.corpus", s.corpus),
                              ("select.negatives", s.negatives)):
             if specs:
-                try:
-                    expand_inputs(specs, SUPPORTED_SUFFIXES)
-                except (FileNotFoundError, ValueError) as e:
-                    raise type(e)(f"{field}: {e}") from None
+                _check_inputs(field, specs)
         if s.classifier:
             fs, path = resolve(s.classifier)
             if fs.get_file_info(path).type.name != "File":
                 raise FileNotFoundError(f"select.classifier: no file at {s.classifier!r}")
-    _preflight_embed(recipe)
+    if recipe.embed is not None and recipe.embed.corpus is not None:  # null: select's output, made by this run
+        _check_inputs("embed.corpus", recipe.embed.corpus)
     if recipe.retrieve is not None:
         load_few_shots(recipe.retrieve.few_shots, recipe.retrieve.few_shot_field)
 
 
-def _preflight_embed(recipe: Recipe) -> None:
+def _check_inputs(field: str, specs: list[str]) -> None:
     from .corpus import SUPPORTED_SUFFIXES
     from .paths import expand_inputs
 
-    if recipe.embed is not None and recipe.embed.corpus is not None:  # null: select's output, made by this run
-        try:
-            expand_inputs(recipe.embed.corpus, SUPPORTED_SUFFIXES)
-        except (FileNotFoundError, ValueError) as e:
-            raise type(e)(f"embed.corpus: {e}") from None
+    try:
+        expand_inputs(specs, SUPPORTED_SUFFIXES)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"{field}: {e}") from None
 
 
 def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print) -> dict[str, dict]:

@@ -31,6 +31,7 @@ from ..actors.quality import HeuristicQualityScorer, HFQualityScorer
 from . import corpus
 from .corpus import READ_TASK_CPUS, CorpusSpec, drop_internal_columns, read_corpus, read_texts_locally, single_operator_budget
 from .recipe import SelectConfig
+from .resources import cluster_cpus
 from .report import markdown_table, score_histogram_png, write_report
 from .rundir import StageDir, StageError, count_parquet_rows, read_file_bytes
 
@@ -109,7 +110,7 @@ def obtain_classifier(cfg: SelectConfig, stage: StageDir, quarantine: list[dict]
             raise SelectError(f"select: need at least 10 negatives, found {len(negatives)}")
         params = FastTextParams(**cfg.fasttext.model_dump())
         # fastText occasionally reports "Encountered NaN"; a retry runs in a new process (max_calls=1).
-        trained = ray.get(_train_in_fresh_process.options(num_cpus=min(params.threads, _cluster_cpus()), max_retries=2,
+        trained = ray.get(_train_in_fresh_process.options(num_cpus=min(params.threads, cluster_cpus()), max_retries=2,
                                                           retry_exceptions=[RuntimeError])
                           .remote(positives, negatives, params))
         model_bytes, info = trained.model_bytes, trained.metrics
@@ -130,10 +131,6 @@ def token_counts(normalised: pa.Array) -> pa.Array:
     """Tokens as the classifier counts them: words and punctuation marks (``normalise_text`` separates them by single
     spaces), so the count is one pass over the text the scoring already built."""
     return pc.add(pc.count_substring(normalised, " "), 1).cast(pa.int32())
-
-
-def _cluster_cpus() -> int:
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 SCORE_COLUMNS = [corpus.ORDER, corpus.SOURCE_FILE, corpus.SOURCE_LINE, corpus.QUARANTINE_REASON, corpus.RAW,
@@ -264,7 +261,7 @@ def run_select(cfg: SelectConfig, stage: StageDir) -> dict:
     started = time.perf_counter()
     phases: dict[str, float] = {}
     quarantine: list[dict] = []
-    scoring_actors = scorer_pool_size(cfg, _cluster_cpus())  # a recipe asking for more than fits fails before work
+    scoring_actors = scorer_pool_size(cfg, cluster_cpus())  # a recipe asking for more than fits fails before work
 
     t = time.perf_counter()
     model_bytes, classifier_info = obtain_classifier(cfg, stage, quarantine)
