@@ -2,15 +2,17 @@
 embeddings placed before the prompt's token embeddings), with sampling parameters.
 
 ``TransformersEngine`` runs any Hugging Face causal LM (``inputs_embeds`` for prefixes) on CPU or GPU; it is what
-tests and the demo use with the tiny Llama. The vLLM engine (``prompt_embeds``) shares this interface (issue 4, to
-come); so will the Serve deployment and the batch-generation actors, which hold an engine.
+tests and the demo use with the tiny Llama. ``VLLMEngine`` (``actors/vllm_engine.py``) runs vLLM with
+``prompt_embeds``. The Serve deployment and the batch-generation actors hold one of them, made by ``load_engine``.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import Iterator, Literal, Optional, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -51,13 +53,69 @@ class Completion:
     completion_tokens: int
 
 
-class TransformersEngine:
+@dataclass
+class Delta:
+    """A piece of a streamed completion; the last one carries the finish reason and the token counts."""
+    text: str
+    finish_reason: Optional[Literal["stop", "length"]] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+ENGINE_KINDS = ("transformers", "vllm")
+
+
+class Engine(ABC):
+    """What the Serve replicas and the batch-generation actors need of an LLM engine."""
+
+    model_name: str
+    hidden_size: int  # the width a soft-prompt prefix must have
+    max_model_len: int  # prompt (prefix included) plus completion tokens
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int: ...
+
+    @abstractmethod
+    def chat_prompt(self, messages: list[dict]) -> str: ...
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[str], params: SamplingParams,
+                 prefix: np.ndarray | None = None) -> list[list[Completion]]:
+        """``params.n`` completions for each prompt, in order. ``prefix``: ``[m, hidden_size]`` embeddings placed
+        before every prompt (a soft prompt)."""
+
+    def stream(self, prompt: str, params: SamplingParams, prefix: np.ndarray | None = None) -> Iterator[Delta]:
+        """One completion (``params.n`` is ignored) as it is written. This default sends it whole, as one delta;
+        engines that decode step by step in this process override it."""
+        c = self.generate([prompt], params.model_copy(update={"n": 1}), prefix)[0][0]
+        yield Delta(c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens)
+
+    def check_prefix(self, prefix: np.ndarray | None) -> None:
+        if prefix is not None and (prefix.ndim != 2 or prefix.shape[1] != self.hidden_size):
+            raise ValueError(f"prefix: expected shape [m, {self.hidden_size}], got {list(prefix.shape)}")
+
+
+def load_engine(model: str, kind: str = "transformers", **options) -> Engine:
+    """The engine of ``kind`` for ``model`` (a Hugging Face id or folder); ``options`` go to its constructor."""
+    if kind == "transformers":
+        return TransformersEngine(model, **options)
+    if kind == "vllm":
+        from .vllm_engine import VLLMEngine
+
+        return VLLMEngine(model, **options)
+    raise ValueError(f"engine: expected one of {', '.join(ENGINE_KINDS)}, got {kind!r}")
+
+
+class TransformersEngine(Engine):
     """A Hugging Face causal LM. Prompts of one call are generated together (left-padded embeddings)."""
 
-    def __init__(self, model: str, device: str | None = None, dtype: str | None = None):
+    def __init__(self, model: str, device: str | None = None, dtype: str | None = None,
+                 torch_threads: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if torch_threads:  # an actor given N CPUs should not spread over the whole node
+            torch.set_num_threads(torch_threads)
         self.model_name = model
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model)
@@ -76,12 +134,50 @@ class TransformersEngine:
 
     def generate(self, prompts: Sequence[str], params: SamplingParams,
                  prefix: np.ndarray | None = None) -> list[list[Completion]]:
-        """``params.n`` completions for each prompt, in order. ``prefix``: ``[m, hidden_size]`` embeddings placed
-        before every prompt (a soft prompt)."""
+        out, lengths = self._generate_tokens(prompts, params, prefix)
+        return [[self._completion(out[i * params.n + j], prompt_tokens, params) for j in range(params.n)]
+                for i, prompt_tokens in enumerate(lengths)]
+
+    def stream(self, prompt: str, params: SamplingParams, prefix: np.ndarray | None = None) -> Iterator[Delta]:
+        """Text as the model writes it (transformers' ``TextIteratorStreamer``, generation in a thread). The
+        last few characters are held back while they could be the start of a stop string, so a stop string is
+        never sent."""
+        from transformers import TextIteratorStreamer
+
+        params = params.model_copy(update={"n": 1})
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        result: dict = {}
+
+        def run() -> None:
+            try:
+                result["tokens"] = self._generate_tokens([prompt], params, prefix, streamer)
+            except BaseException as e:  # surfaced below, in the caller's thread
+                result["error"] = e
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="generate-stream", daemon=True)
+        thread.start()
+        hold_back = max((len(s) - 1 for s in params.stop), default=0)
+        text, sent = "", 0
+        for piece in streamer:
+            text += piece
+            safe = len(text) - hold_back
+            if _first_stop(text, params.stop) < 0 and safe > sent:
+                yield Delta(text[sent:safe])
+                sent = safe
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        out, lengths = result["tokens"]
+        final = self._completion(out[0], lengths[0], params)
+        yield Delta(final.text[sent:], final.finish_reason, final.prompt_tokens, final.completion_tokens)
+
+    def _generate_tokens(self, prompts: Sequence[str], params: SamplingParams, prefix: np.ndarray | None,
+                         streamer=None):
+        """The generated token ids (``len(prompts) * n`` rows) and each prompt's token count."""
         import torch
 
-        if prefix is not None and (prefix.ndim != 2 or prefix.shape[1] != self.hidden_size):
-            raise ValueError(f"prefix: expected shape [m, {self.hidden_size}], got {list(prefix.shape)}")
+        self.check_prefix(prefix)
         embed = self.model.get_input_embeddings()
         rows, lengths = [], []
         with torch.no_grad():
@@ -108,12 +204,9 @@ class TransformersEngine:
                 num_return_sequences=params.n, pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self.tokenizer.eos_token_id, stop_strings=params.stop or None,
                 tokenizer=self.tokenizer if params.stop else None,
-                logits_processor=self._json_constraint(params.json_schema) if params.json_schema else None)
-        results = []
-        for i, prompt_tokens in enumerate(lengths):
-            results.append([self._completion(out[i * params.n + j], prompt_tokens, params)
-                            for j in range(params.n)])
-        return results
+                logits_processor=self._json_constraint(params.json_schema) if params.json_schema else None,
+                streamer=streamer)
+        return out, lengths
 
     def _json_constraint(self, schema: dict) -> list:
         """Logits processors that keep every sequence a prefix of compact JSON valid against ``schema``: xgrammar's
@@ -143,11 +236,16 @@ class TransformersEngine:
             ids = ids[:ids.index(eos)]
         ids = [t for t in ids if t != pad]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        cut = min((text.find(s) for s in params.stop if s in text), default=-1)
+        cut = _first_stop(text, params.stop)
         if cut >= 0:  # the stop string itself is not returned (OpenAI's convention)
             text, ended = text[:cut], True
         return Completion(text=text, finish_reason="stop" if ended else "length", prompt_tokens=prompt_tokens,
                           completion_tokens=len(ids))
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int:
+    """Where the earliest stop string starts in ``text``; -1 when none is there."""
+    return min((text.find(s) for s in stops if s in text), default=-1)
 
 
 def _not_json_text(token_text: str) -> bool:

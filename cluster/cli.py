@@ -1,4 +1,5 @@
-"""The ``domainsynth`` command line: ``select``, ``embed``, ``retrieve``, ``run RECIPE.yaml`` and ``demo``."""
+"""The ``domainsynth`` command line: ``select``, ``embed``, ``retrieve``, ``generate``, ``serve``, ``models``,
+``run RECIPE.yaml`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import sys
 import time
 
+from ..actors.engines import ENGINE_KINDS
 from ..pipelines.recipe import Recipe, RecipeError, build_recipe, load_recipe
 from ..pipelines import paths
 from ..pipelines.retrieve import check_same_corpus
@@ -133,6 +135,46 @@ def build_parser() -> argparse.ArgumentParser:
                      help="faiss index (default auto: exact up to 200,000 documents, IVF above)")
     _add_common(ret)
 
+    gen = sub.add_parser(
+        "generate", help="batch generation: completions for a file of prompts on an autoscaling pool of engines",
+        description="Generate --n completions for every prompt of --prompts (JSONL/Parquet, field --prompt-field) "
+                    "with an engine per Ray Data actor (the pool grows from 1 to as many as fit), writing "
+                    "RUN_DIR/generate/data/*.parquet (input fields + choice, completion, finish_reason, token "
+                    "counts), report.json, report.md and quarantine.jsonl (unreadable rows, prompts too long).")
+    gen.add_argument("--prompts", required=True, action="append", metavar="PATH_OR_GLOB",
+                     help="prompts: file, directory or glob, local or URI (repeatable)")
+    gen.add_argument("--model", required=True, metavar="PATH_OR_ID", help="causal LM: Hugging Face id or folder")
+    gen.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (local path or URI)")
+    gen.add_argument("--prompt-field", metavar="NAME", help="field holding the prompt (default: prompt)")
+    gen.add_argument("--id-field", metavar="NAME", help="field holding a row id (default: id)")
+    gen.add_argument("--chat", action="store_true", help="send prompts through the model's chat template")
+    gen.add_argument("--engine", choices=ENGINE_KINDS, help="engine (default transformers)")
+    gen.add_argument("--soft-prompt", metavar="PATH", help="soft prompt placed before every prompt")
+    gen.add_argument("--max-tokens", type=_positive_int, metavar="N", help="tokens per completion (default 64)")
+    gen.add_argument("--temperature", type=float, metavar="T", help="sampling temperature, 0 = greedy (default 1)")
+    gen.add_argument("--n", type=_positive_int, metavar="N", help="completions per prompt (default 1)")
+    gen.add_argument("--seed", type=int, metavar="S", help="sampling seed")
+    _add_common(gen)
+
+    srv = sub.add_parser(
+        "serve", help="serve a generator as an OpenAI-compatible endpoint on Ray Serve (autoscaled)",
+        description="Start the generator endpoint: POST /v1/completions and /v1/chat/completions (streaming too), "
+                    "GET /v1/models and /health, with replicas autoscaled on load. Settings come from RECIPE's "
+                    "serve section (see docs/recipes.md), the flags override them. Soft prompts are served as models "
+                    "of their own. If $DOMAINSYNTH_API_KEY is set, clients must send it as a bearer token. Prints "
+                    "the URL; Ctrl-C stops it.")
+    srv.add_argument("recipe", nargs="?", metavar="RECIPE.yaml", help="a recipe with a serve section")
+    srv.add_argument("--model", metavar="PATH_OR_ID", help="causal LM: Hugging Face id or folder")
+    srv.add_argument("--port", type=int, metavar="PORT", help="HTTP port (default 8000)")
+    srv.add_argument("--host", metavar="ADDR", help="listen address (default 127.0.0.1; 0.0.0.0 for all)")
+    srv.add_argument("--min-replicas", type=int, metavar="N", help="fewest replicas (default 1)")
+    srv.add_argument("--max-replicas", type=int, metavar="M", help="most replicas (default 4)")
+    srv.add_argument("--engine", choices=ENGINE_KINDS, help="engine (default transformers)")
+    srv.add_argument("--served-model-name", metavar="NAME", help="model name clients ask for (default: folder name)")
+    srv.add_argument("--soft-prompt", action="append", default=[], metavar="NAME=PATH",
+                     help="serve a soft prompt as model NAME (repeatable)")
+    _add_common(srv)
+
     models = sub.add_parser("models", help="model utilities (make-tiny: a tiny model for tests and the demo)")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     tiny = models_sub.add_parser(
@@ -210,6 +252,44 @@ def recipe_from_retrieve_args(args: argparse.Namespace) -> Recipe:
     return recipe
 
 
+def recipe_from_generate_args(args: argparse.Namespace) -> Recipe:
+    generate: dict = {"prompts": args.prompts, "model": args.model}
+    for field in ("prompt_field", "id_field", "engine", "soft_prompt"):
+        if getattr(args, field) is not None:
+            generate[field] = getattr(args, field)
+    if args.chat:
+        generate["chat"] = True
+    sampling = {f: getattr(args, f) for f in ("max_tokens", "temperature", "n", "seed") if getattr(args, f) is not None}
+    if sampling:
+        generate["sampling"] = sampling
+    return build_recipe({"run_dir": args.out, "generate": generate}, "command line", os.getcwd(), args.overrides)
+
+
+def recipe_from_serve_args(args: argparse.Namespace) -> Recipe:
+    """RECIPE's serve section (if given) with the flags laid over it."""
+    if args.recipe:
+        recipe = load_recipe(args.recipe, args.overrides)
+        raw = recipe.model_dump(mode="json", exclude_none=True, include={"ray", "serve"})  # the stages stay unused
+        base_dir, source = os.path.dirname(os.path.abspath(args.recipe)), args.recipe
+    else:
+        raw, base_dir, source = {}, os.getcwd(), "command line"
+    serve = raw.setdefault("serve", {})
+    for flag in ("model", "port", "host", "engine", "served_model_name"):
+        if getattr(args, flag) is not None:
+            serve[flag] = getattr(args, flag)
+    for flag in ("min_replicas", "max_replicas"):
+        if getattr(args, flag) is not None:
+            serve.setdefault("autoscaling", {})[flag] = getattr(args, flag)
+    for item in args.soft_prompt:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise RecipeError(f"--soft-prompt {item!r}: expected NAME=PATH")
+        serve.setdefault("soft_prompts", {})[name] = path
+    if "model" not in serve:
+        raise RecipeError("serve: give --model, or a RECIPE with a serve section")
+    return build_recipe(raw, source, base_dir, [] if args.recipe else args.overrides)
+
+
 def _with_ray_flags(recipe: Recipe, args: argparse.Namespace) -> Recipe:
     if args.address:
         recipe.ray.address = args.address
@@ -249,6 +329,13 @@ def summarise(reports: dict[str, dict], run_dir: str) -> str:
                      f"score median {s.get('median')}")
         lines.append(f"    data:   {ret['outputs']['data']}")
         lines.append(f"    report: {run_dir.rstrip('/')}/retrieve/report.md")
+    gen = reports.get("generate")
+    if gen:
+        lines.append(f"  generate: {gen['completions']:,} completions for {gen['rows_out']:,} of {gen['rows_in']:,} "
+                     f"prompts ({gen['completion_tokens']:,} tokens, {gen['tokens_per_second']:,.0f} tokens/s); "
+                     f"quarantined {gen['rows_quarantined']:,}")
+        lines.append(f"    data:   {gen['outputs']['data']}")
+        lines.append(f"    report: {run_dir.rstrip('/')}/generate/report.md")
     return "\n".join(lines)
 
 
@@ -267,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
             recipe = recipe_from_embed_args(args)
         elif args.command == "retrieve":
             recipe = recipe_from_retrieve_args(args)
+        elif args.command == "generate":
+            recipe = recipe_from_generate_args(args)
+        elif args.command == "serve":
+            recipe = recipe_from_serve_args(args)
         elif args.command == "run":
             recipe = load_recipe(args.recipe, args.overrides)
         else:
@@ -276,6 +367,15 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, FileNotFoundError, ValueError, StageError) as e:
         print(f"domainsynth: error: {e}", file=sys.stderr)
         return 2
+    if args.command == "serve":
+        from .serving import serve_until_stopped
+
+        try:
+            serve_until_stopped(recipe)
+        except (ValueError, RuntimeError) as e:  # a backend that cannot be built, a deployment that failed
+            print(f"domainsynth: error: {e}", file=sys.stderr)
+            return 1
+        return 0
     started = time.perf_counter()
     started_ray = ray_runtime.connect(recipe.ray)
     try:

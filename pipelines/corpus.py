@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.datasource import FileBasedDatasource
 
-from .paths import InputFile, expand_inputs, resolve
+from .paths import InputFile, expand_inputs
+from .rundir import write_quarantine_part
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 PARQUET_SUFFIXES = (".parquet",)
@@ -119,10 +120,7 @@ class CorpusDatasource(FileBasedDatasource):
             bad += [{"file": r[SOURCE_FILE], "line": r[SOURCE_LINE], "reason": r[QUARANTINE_REASON],
                      "raw": r[RAW]} for r in rejected.to_pylist()]
             yield block.filter(valid)
-        fs, root = resolve(self._quarantine_dir)
-        fs.create_dir(root, recursive=True)
-        with fs.open_output_stream(f"{root}/{file_index:06d}.jsonl") as out:
-            out.write("".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad).encode())
+        write_quarantine_part(self._quarantine_dir, f"{file_index:06d}.jsonl", bad)
 
     def _lookup(self, path: str) -> tuple[int, str]:
         if path in self._file_keys:

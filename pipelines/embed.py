@@ -4,7 +4,6 @@ index step reads shard by shard."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import pyarrow.dataset as pads
@@ -17,9 +16,8 @@ from .paths import expand_inputs
 from .recipe import EmbedConfig
 from .resources import cluster_cpus, cluster_gpus
 from .report import markdown_table, write_report
-from .rundir import StageDir, StageError
+from .rundir import QUARANTINE_PARTS, StageDir, StageError, gather_quarantine
 
-QUARANTINE_PARTS = "_quarantine"
 # Batches per actor call (and per block). sentence-transformers sorts a call's texts by length, so bigger calls pad
 # less (measured on 20k documents: 4 batches a call cost 12% against one process encoding 5,000 texts a call).
 FORWARD_PASSES_PER_CALL = 8
@@ -73,7 +71,7 @@ def run_embed(cfg: EmbedConfig, stage: StageDir) -> dict:
         .write_parquet(data_uri))
     seconds_embedding = time.perf_counter() - started
 
-    quarantine = _gather_quarantine(stage)
+    quarantine = gather_quarantine(stage, "corpus")
     fs, path = StageDir(data_uri).fs_path
     try:
         dataset = pads.dataset(path, filesystem=fs, format="parquet")
@@ -100,18 +98,3 @@ def run_embed(cfg: EmbedConfig, stage: StageDir) -> dict:
                         ("seconds", report["seconds"])]), ""]))
     return report
 
-
-def _gather_quarantine(stage: StageDir) -> list[dict]:
-    """The read tasks' per-file quarantine parts, merged into ``quarantine.jsonl`` in file order."""
-    fs, root = StageDir(stage.child(QUARANTINE_PARTS)).fs_path
-    rows: list[dict] = []
-    info = fs.get_file_info(root)
-    if info.type.name == "Directory":
-        from pyarrow.fs import FileSelector
-
-        for part in sorted(fs.get_file_info(FileSelector(root)), key=lambda i: i.path):
-            with fs.open_input_stream(part.path) as f:
-                rows += [json.loads(line) for line in f.read().decode().splitlines() if line]
-    stage.write_jsonl("quarantine.jsonl", [{"input": "corpus", **r} for r in rows])
-    stage.delete(QUARANTINE_PARTS)
-    return rows

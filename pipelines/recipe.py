@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..actors.engines import ENGINE_KINDS, SamplingParams
 from .paths import is_uri
 
 
@@ -154,19 +155,108 @@ class RetrieveConfig(Strict):
                                                             "largest node's.")
 
 
+EngineKind = Literal[ENGINE_KINDS]
+
+
+class GenerateConfig(Strict):
+    """Batch generation over Ray Data: one row per completion, from a file of prompts."""
+    prompts: PathList = Field(description="Prompts (JSONL/Parquet), one per row.")
+    prompt_field: str = "prompt"
+    id_field: str = "id"
+    chat: bool = Field(False, description="Send each prompt as a user message through the model's chat template.")
+    system_prompt: Optional[str] = Field(None, description="chat: a system message before each prompt.")
+    model: str = Field(description="Hugging Face id or folder of a causal LM.")
+    engine: EngineKind = "transformers"
+    engine_options: dict[str, Any] = Field(default_factory=dict, description="Passed to the engine's constructor "
+                                           "(transformers: dtype, device; vllm: max_model_len, dtype, ...).")
+    soft_prompt: Optional[str] = Field(None, description="A soft prompt placed before every prompt (PEFT "
+                                                         "prompt-tuning folder, .safetensors or .npy).")
+    sampling: SamplingParams = SamplingParams()
+    batch_size: int = Field(8, gt=0, description="Prompts per engine call.")
+    concurrency: Union[int, tuple[int, int], None] = Field(
+        None, description="Engine actors: a number, or [min, max] to autoscale; null = [1, as many as fit].")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per engine actor (torch threads on CPU).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per engine actor.")
+
+    @field_validator("concurrency")
+    @classmethod
+    def _pool_size(cls, value):
+        low, high = (value, value) if isinstance(value, int) else (value or (1, 1))
+        if low < 1 or high < low:
+            raise ValueError("expected a number >= 1, or [min, max] with 1 <= min <= max")
+        return value
+
+
+class AutoscalingConfig(Strict):
+    """Serve's autoscaling: replicas are added when ongoing requests per replica stay above the target for
+    ``upscale_delay_s``, removed when below it for ``downscale_delay_s``."""
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    initial_replicas: Optional[int] = Field(None, ge=0)
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Requests queued or running per replica.")
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0, description="Window the request metric is averaged over.")
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+
+class ServeConfig(Strict):
+    """The generator endpoint (``domainsynth serve``): OpenAI-compatible routes on Ray Serve."""
+    model: str = Field(description="Hugging Face id or folder of a causal LM.")
+    served_model_name: Optional[str] = Field(None, description="Name clients ask for; null = the model folder's name.")
+    backend: Literal["domainsynth", "ray-serve-llm"] = Field(
+        "domainsynth", description="domainsynth: our deployment around an engine (soft prompts, CPU or GPU); "
+                                   "ray-serve-llm: Ray's build_openai_app over vLLM (GPU clusters).")
+    engine: EngineKind = "transformers"
+    engine_options: dict[str, Any] = Field(default_factory=dict, description="Passed to the engine's constructor "
+                                           "(ray-serve-llm: vLLM engine_kwargs).")
+    soft_prompts: dict[str, str] = Field(default_factory=dict, description="Model name -> soft prompt file: each is "
+                                         "served as a model of its own.")
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on (0.0.0.0 in a cluster).")
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = "generator"
+    route_prefix: str = "/"
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per replica (torch threads on CPU).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica.")
+    max_ongoing_requests: int = Field(8, gt=0, description="Requests a replica accepts before Serve queues them.")
+    default_max_tokens: int = Field(16, gt=0, description="max_tokens of a request that sets none (OpenAI's 16).")
+    api_key_env: Optional[str] = Field("DOMAINSYNTH_API_KEY", description="Environment variable holding the API "
+                                       "key clients must send; unset or empty variable = no key required.")
+    autoscaling: AutoscalingConfig = AutoscalingConfig()
+
+    @model_validator(mode="after")
+    def _soft_prompts_need_our_backend(self) -> "ServeConfig":
+        if self.backend == "ray-serve-llm" and (self.soft_prompts or self.engine != "vllm"):
+            raise ValueError("backend ray-serve-llm serves vLLM without soft prompts: set engine: vllm and no "
+                             "soft_prompts, or use backend domainsynth")
+        if self.served_model_name and self.served_model_name in self.soft_prompts:
+            raise ValueError(f"soft_prompts: {self.served_model_name!r} is the base model's name")
+        return self
+
+
 class Recipe(Strict):
-    run_dir: str = Field(description="Where the run writes (local path or pyarrow filesystem URI).")
+    run_dir: Optional[str] = Field(None, description="Where the run writes (local path or pyarrow filesystem URI); "
+                                                     "required when the recipe has a stage.")
     ray: RayConfig = RayConfig()
     select: Optional[SelectConfig] = None
     embed: Optional[EmbedConfig] = None
     index: Optional[IndexConfig] = None
     retrieve: Optional[RetrieveConfig] = None
+    generate: Optional[GenerateConfig] = None
+    serve: Optional[ServeConfig] = None
 
     @model_validator(mode="after")
     def _embed_has_a_corpus(self) -> "Recipe":
         if self.embed is not None and self.embed.corpus is None and self.select is None:
             raise ValueError("embed.corpus: required unless the recipe has a select section (then embed reads "
                              "select's output)")
+        if self.run_dir is None and any(getattr(self, s) is not None for s in STAGE_ORDER):
+            raise ValueError("run_dir: required when the recipe has a stage")
         return self
 
     def stage_fingerprint(self, stage: str) -> str:
@@ -177,9 +267,11 @@ class Recipe(Strict):
         return hashlib.sha256(json.dumps(configs if upstream else configs[0], sort_keys=True).encode()).hexdigest()[:16]
 
 
-STAGE_ORDER = ("select", "embed", "index", "retrieve")
+STAGE_ORDER = ("select", "embed", "index", "retrieve", "generate")
 _INPUT_PATH_FIELDS = {"select": ("in_domain", "corpus", "negatives", "classifier"), "embed": ("corpus",),
-                      "retrieve": ("few_shots", "index")}
+                      "retrieve": ("few_shots", "index"), "generate": ("prompts", "soft_prompt")}
+# Fields that name a model: a Hugging Face id, or a folder (resolved like a path only when it exists there).
+_MODEL_FIELDS = {"embed": "model", "generate": "model", "serve": "model"}
 
 
 def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> dict:
@@ -214,6 +306,16 @@ def _resolve_relative(raw: dict, base_dir: str) -> dict:
                 section[name] = _absolute(value, base_dir)
             elif isinstance(value, list):
                 section[name] = [_absolute(v, base_dir) if isinstance(v, str) else v for v in value]
+    for stage, name in _MODEL_FIELDS.items():
+        section = raw.get(stage)
+        if isinstance(section, dict) and isinstance(section.get(name), str):
+            local = _absolute(section[name], base_dir)
+            if os.path.exists(local):
+                section[name] = local
+    serve = raw.get("serve")
+    if isinstance(serve, dict) and isinstance(serve.get("soft_prompts"), dict):
+        serve["soft_prompts"] = {k: _absolute(v, base_dir) if isinstance(v, str) else v
+                                 for k, v in serve["soft_prompts"].items()}
     return raw
 
 

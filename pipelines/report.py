@@ -87,6 +87,18 @@ def similarity_histogram_png(corpus_sample: np.ndarray, retrieved: np.ndarray) -
     return _png(fig)
 
 
+def token_histogram_png(tokens: np.ndarray, max_tokens: int) -> bytes:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.4), dpi=110)
+    ax.hist(tokens, bins=np.linspace(0, max_tokens, min(max_tokens, 40) + 1), color="#1f77b4")
+    ax.axvline(max_tokens, color="#d62728", linestyle="--", linewidth=1.2, label=f"max_tokens {max_tokens}")
+    ax.set_xlabel("completion tokens")
+    ax.set_ylabel("completions")
+    ax.set_title("generate: completion lengths")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def markdown_table(rows: list[tuple[str, object]]) -> str:
     lines = ["| | |", "|---|---|"]
     lines += [f"| {k} | {v:,} |" if isinstance(v, int) else f"| {k} | {v} |" for k, v in rows]

@@ -12,6 +12,7 @@ import pyarrow.fs as pafs
 from . import paths
 
 MARKER = "_COMPLETE.json"
+QUARANTINE_PARTS = "_quarantine"  # per-task quarantine files, merged into quarantine.jsonl when the stage ends
 
 
 class StageError(RuntimeError):
@@ -84,6 +85,28 @@ class StageDir:
 
     def mark_complete(self, fingerprint: str) -> None:
         self.write_json(MARKER, {"fingerprint": fingerprint})
+
+
+def write_quarantine_part(parts_uri: str, name: str, rows: list[dict]) -> None:
+    """One task's quarantined rows, as ``parts_uri/name`` (a retried task rewrites its own part: no duplicates)."""
+    fs, root = paths.resolve(parts_uri)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{name}") as out:
+        out.write("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows).encode())
+
+
+def gather_quarantine(stage: StageDir, input_name: str) -> list[dict]:
+    """The tasks' quarantine parts, merged into ``quarantine.jsonl`` in part-name order (each row tagged with the
+    input it came from), and removed."""
+    fs, root = StageDir(stage.child(QUARANTINE_PARTS)).fs_path
+    rows: list[dict] = []
+    if fs.get_file_info(root).type == pafs.FileType.Directory:
+        for part in sorted(fs.get_file_info(pafs.FileSelector(root)), key=lambda i: i.path):
+            with fs.open_input_stream(part.path) as f:
+                rows += [json.loads(line) for line in f.read().decode().splitlines() if line]
+    stage.write_jsonl("quarantine.jsonl", [{"input": input_name, **r} for r in rows])
+    stage.delete(QUARANTINE_PARTS)
+    return rows
 
 
 def read_file_bytes(path: str) -> bytes:

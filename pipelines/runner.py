@@ -7,11 +7,13 @@ from typing import Callable
 from .recipe import STAGE_ORDER, Recipe
 from .rundir import StageDir
 from .embed import run_embed
+from .generate import run_generate
 from .index import run_index
 from .retrieve import load_few_shots, run_retrieve
 from .select import run_select
 
-STAGES: dict[str, Callable] = {"select": run_select, "embed": run_embed, "index": run_index, "retrieve": run_retrieve}
+STAGES: dict[str, Callable] = {"select": run_select, "embed": run_embed, "index": run_index, "retrieve": run_retrieve,
+                               "generate": run_generate}
 
 
 def preflight(recipe: Recipe) -> None:
@@ -33,6 +35,33 @@ def preflight(recipe: Recipe) -> None:
         _check_inputs("embed.corpus", recipe.embed.corpus)
     if recipe.retrieve is not None:
         load_few_shots(recipe.retrieve.few_shots, recipe.retrieve.few_shot_field)
+    if recipe.generate is not None:
+        _check_model("generate.model", recipe.generate.model)
+        _check_inputs("generate.prompts", recipe.generate.prompts)
+        if recipe.generate.soft_prompt:
+            _check_soft_prompt("generate.soft_prompt", recipe.generate.soft_prompt)
+    if recipe.serve is not None:
+        _check_model("serve.model", recipe.serve.model)
+        for name, path in recipe.serve.soft_prompts.items():
+            _check_soft_prompt(f"serve.soft_prompts.{name}", path)
+
+
+def _check_model(field: str, model: str) -> None:
+    """A model given as a path must be there; anything else is taken for a Hugging Face id (resolved by the
+    engine, on the cluster)."""
+    import os
+
+    if (os.path.isabs(model) or model.startswith(("./", "../", "~"))) and not os.path.isdir(os.path.expanduser(model)):
+        raise FileNotFoundError(f"{field}: no model folder at {model!r}")
+
+
+def _check_soft_prompt(field: str, path: str) -> None:
+    from ..actors.soft_prompt import load_soft_prompt
+
+    try:
+        load_soft_prompt(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"{field}: {e}") from None
 
 
 def _check_inputs(field: str, specs: list[str]) -> None:

@@ -77,3 +77,30 @@ def classifier(ray_local, hidden_corpus, tmp_path_factory):
         "negatives_sample": 2000, "quality": {"scorer": "none"}}}, "test", "/")
     run_recipe(recipe, echo=lambda _: None)
     return run_dir / "select" / "classifier.bin"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A tiny Llama and its locally trained tokenizer (random weights: gibberish text, real behaviour)."""
+    from domainsynth.actors.tiny_models import make_tiny_llama
+
+    return str(make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def soft_prompt_file(tmp_path_factory, tiny_llama) -> str:
+    """An 8-token soft prompt for the tiny Llama, saved as DOMINO's training writes it (PEFT's tensor name)."""
+    import numpy as np
+
+    from domainsynth.actors.soft_prompt import save_soft_prompt
+
+    matrix = np.random.default_rng(0).standard_normal((8, 128)).astype(np.float32)
+    return save_soft_prompt(matrix, str(tmp_path_factory.mktemp("soft") / "medical.safetensors"))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

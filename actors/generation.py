@@ -1,0 +1,96 @@
+"""Batch generation: the Ray Data actor that holds an engine and turns a batch of prompt rows into completion rows.
+
+A row that cannot be generated (its prompt too long for the context, an engine error on it alone) is handed to
+``on_failure`` with its reason and left out; the rest of the batch goes on. When the actor's process dies, Ray Data
+restarts it and runs the batch again (``max_restarts``/``max_task_retries`` default to -1 for actor pools), so rows
+are retried, not lost; ``on_failure`` must therefore be idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from .engines import Completion, SamplingParams, load_engine
+from .soft_prompt import load_soft_prompt
+
+logger = logging.getLogger(__name__)
+# Columns the actor adds to each output row (one row per completion).
+OUTPUT_COLUMNS = ("choice", "completion", "finish_reason", "prompt_tokens", "completion_tokens")
+
+
+class GenerateBatch:
+    def __init__(self, model: str, params: dict, prompt_field: str, on_failure: Callable[[list[dict]], None],
+                 engine: str = "transformers", engine_options: Optional[dict] = None, chat: bool = False,
+                 system_prompt: Optional[str] = None, soft_prompt: Optional[str] = None,
+                 failure_columns: tuple[str, ...] = ()):
+        self.engine = load_engine(model, engine, **(engine_options or {}))
+        self.params = SamplingParams.model_validate(params)
+        self.prefix = load_soft_prompt(soft_prompt) if soft_prompt else None
+        self.engine.check_prefix(self.prefix)
+        self.prompt_field, self.chat, self.system_prompt = prompt_field, chat, system_prompt
+        self.on_failure, self.failure_columns = on_failure, failure_columns
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        prompts = [self._prompt(text) for text in batch.column(self.prompt_field).to_pylist()]
+        results: list[list[Completion] | str] = [self._too_long(p) or [] for p in prompts]
+        fitting = [i for i, r in enumerate(results) if not r]
+        if fitting:
+            try:
+                for i, row in zip(fitting, self.engine.generate([prompts[i] for i in fitting], self.params,
+                                                                self.prefix)):
+                    results[i] = row
+            except Exception:  # one bad row must not sink its batch: try each alone, set aside those that fail
+                logger.warning("a batch of %d prompts failed; generating them one by one", len(fitting),
+                               exc_info=True)
+                for i in fitting:
+                    try:
+                        results[i] = self.engine.generate([prompts[i]], self.params, self.prefix)[0]
+                    except Exception as e:
+                        results[i] = f"generation failed: {type(e).__name__}: {e}"
+        failed = [i for i, r in enumerate(results) if isinstance(r, str)]
+        if failed:
+            rows = batch.select(list(self.failure_columns)).take(failed).to_pylist() if self.failure_columns else \
+                [{} for _ in failed]
+            self.on_failure([{**row, "reason": results[i], "prompt": prompts[i][:500]}
+                             for row, i in zip(rows, failed)])
+        return self._completion_rows(batch, results)
+
+    def _prompt(self, text: str) -> str:
+        if not self.chat:
+            return text
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return self.engine.chat_prompt(messages + [{"role": "user", "content": text}])
+
+    def _too_long(self, prompt: str) -> str | None:
+        tokens = self.engine.count_tokens(prompt) + (0 if self.prefix is None else len(self.prefix))
+        if tokens + self.params.max_tokens > self.engine.max_model_len:
+            return (f"prompt too long: {tokens} tokens (soft prompt included) plus max_tokens "
+                    f"{self.params.max_tokens} exceed the model's context of {self.engine.max_model_len}")
+        return None
+
+    @staticmethod
+    def _completion_rows(batch: pa.Table, results: list) -> pa.Table:
+        """Each input row repeated once per completion, with the completion's columns appended."""
+        source, completions = [], []
+        for i, row in enumerate(results):
+            if isinstance(row, list):
+                for c in row:
+                    source.append(i)
+                    completions.append(c)
+        out = batch.take(pa.array(np.asarray(source, dtype=np.int64)))
+        choice = np.zeros(len(source), dtype=np.int64)
+        for k in range(1, len(source)):  # completions of one prompt are numbered 0..n-1
+            choice[k] = choice[k - 1] + 1 if source[k] == source[k - 1] else 0
+        columns = {"choice": pa.array(choice), "completion": pa.array([c.text for c in completions], pa.string()),
+                   "finish_reason": pa.array([c.finish_reason for c in completions], pa.string()),
+                   "prompt_tokens": pa.array([c.prompt_tokens for c in completions], pa.int64()),
+                   "completion_tokens": pa.array([c.completion_tokens for c in completions], pa.int64())}
+        for name in OUTPUT_COLUMNS:
+            if name in out.column_names:  # an input field of the same name: ours wins, theirs is kept renamed
+                out = out.rename_columns([f"input_{c}" if c == name else c for c in out.column_names])
+            out = out.append_column(name, columns[name])
+        return out

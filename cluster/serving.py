@@ -1,0 +1,58 @@
+"""``domainsynth serve``: start the generator endpoint on Ray Serve, print where it is, run until Ctrl-C (or
+SIGTERM), then take it down: the application always, Serve and Ray too when this process started them."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Callable
+
+from ..pipelines.recipe import Recipe
+from ..pipelines.serve import build_application, served_model_name
+from . import ray_runtime
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame) -> None:
+    raise _Stop()
+
+
+def serve_until_stopped(recipe: Recipe, echo: Callable[[str], None] = print,
+                        until: Callable[[], bool] = lambda: False) -> None:
+    """Run the recipe's ``serve`` section; returns after Ctrl-C, SIGTERM or ``until()`` turning true."""
+    from ray import serve
+
+    cfg = recipe.serve
+    app = build_application(cfg)  # a backend that cannot be built fails here, before Ray starts
+    started_ray = ray_runtime.connect(recipe.ray)
+    previous_term = signal.signal(signal.SIGTERM, _raise_stop)  # a pod's stop, like Ctrl-C
+    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        started = time.perf_counter()
+        serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+        host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+        url = f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+        names = [served_model_name(cfg), *cfg.soft_prompts]
+        scale = cfg.autoscaling
+        echo(f"Serving {', '.join(names)} ({cfg.engine}, {cfg.backend}) in {time.perf_counter() - started:.1f}s, "
+             f"{scale.min_replicas}-{scale.max_replicas} replicas")
+        echo(f"  OpenAI API: {url}/v1   (POST /v1/completions, /v1/chat/completions; GET /v1/models)")
+        echo(f"  health:     {url}/health")
+        echo("Ctrl-C stops it.")
+        while not until():
+            time.sleep(0.5)
+    except (KeyboardInterrupt, _Stop):
+        echo("Stopping...")
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        try:
+            serve.delete(cfg.app_name)
+            if started_ray:
+                serve.shutdown()
+        finally:
+            if started_ray:
+                ray_runtime.shutdown()
+    echo("Stopped.")

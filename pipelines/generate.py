@@ -1,0 +1,118 @@
+"""Batch generation on Ray Data, the engine room of every synthesis stage: prompts are read in small blocks and
+handed to an autoscaling pool of engine actors (``concurrency: [min, max]``); each prompt gives ``sampling.n`` rows
+in ``generate/data/*.parquet`` (its input fields plus ``choice``, ``completion``, ``finish_reason`` and token
+counts). Rows that cannot be read or generated go to ``quarantine.jsonl`` with file, line and reason."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow.dataset as pads
+from ray.data import ActorPoolStrategy
+
+from ..actors.generation import GenerateBatch
+from . import corpus
+from .corpus import READ_TASK_CPUS, CorpusSpec, drop_internal_columns, read_corpus
+from .recipe import GenerateConfig
+from .report import markdown_table, token_histogram_png, write_report
+from .resources import cluster_cpus, cluster_gpus
+from .rundir import QUARANTINE_PARTS, StageDir, StageError, gather_quarantine, write_quarantine_part
+
+
+class GenerateError(StageError):
+    """The generate stage cannot run as configured; the message names the field."""
+
+
+def engine_pool(cfg: GenerateConfig, cpus: int, gpus: float) -> tuple[int, int]:
+    """(min, max) engine actors: as configured, else autoscale from one to as many as the cluster holds."""
+    if cfg.num_gpus:
+        fits = int(gpus // cfg.num_gpus)
+        what = f"{gpus:g} GPUs for {cfg.num_gpus:g} per actor"
+    else:
+        fits = int((cpus - READ_TASK_CPUS) // cfg.num_cpus)
+        what = f"{cpus} CPUs (less {READ_TASK_CPUS} for reading) for {cfg.num_cpus:g} per actor"
+    if fits < 1:
+        raise GenerateError(f"generate.num_cpus/num_gpus: no engine actor fits: {what}")
+    if cfg.concurrency is None:
+        return 1, fits
+    low, high = (cfg.concurrency, cfg.concurrency) if isinstance(cfg.concurrency, int) else cfg.concurrency
+    if low > fits:
+        raise GenerateError(f"generate.concurrency: at least {low} actors asked, {fits} fit ({what})")
+    return low, high
+
+
+class QuarantineFailedRows:
+    """Where engine actors put rows they could not generate: one part per row, named by its place in the input, so
+    that a batch run again (after an actor died) rewrites the same parts instead of adding copies."""
+
+    def __init__(self, parts_uri: str):
+        self.parts_uri = parts_uri
+
+    def __call__(self, rows: list[dict]) -> None:
+        for row in rows:
+            write_quarantine_part(self.parts_uri, f"generate-{row[corpus.ORDER]:020d}.jsonl", [{
+                "file": row[corpus.SOURCE_FILE], "line": row[corpus.SOURCE_LINE], "reason": row["reason"],
+                "raw": row["prompt"]}])
+
+
+def run_generate(cfg: GenerateConfig, stage: StageDir) -> dict:
+    started = time.perf_counter()
+    low, high = engine_pool(cfg, cluster_cpus(), cluster_gpus())
+    spec = CorpusSpec(cfg.prompts, cfg.prompt_field, cfg.id_field)
+    data_uri, parts_uri = stage.child("data"), stage.child(QUARANTINE_PARTS)
+    engine_options = dict(cfg.engine_options)
+    if cfg.engine == "transformers" and not cfg.num_gpus:
+        engine_options.setdefault("torch_threads", max(1, round(cfg.num_cpus)))
+    # Blocks of one engine call each, so that every actor of the pool gets work (Ray Data hands out whole blocks).
+    (read_corpus(spec, num_cpus=READ_TASK_CPUS, quarantine_dir=parts_uri, rows_per_block=cfg.batch_size)
+        .map_batches(GenerateBatch,
+                     fn_constructor_kwargs={
+                         "model": cfg.model, "engine": cfg.engine, "engine_options": engine_options,
+                         "params": cfg.sampling.model_dump(), "prompt_field": cfg.prompt_field, "chat": cfg.chat,
+                         "system_prompt": cfg.system_prompt, "soft_prompt": cfg.soft_prompt,
+                         "on_failure": QuarantineFailedRows(parts_uri),
+                         "failure_columns": (corpus.SOURCE_FILE, corpus.SOURCE_LINE, corpus.ORDER)},
+                     compute=ActorPoolStrategy(min_size=low, max_size=high),
+                     num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus or None,
+                     batch_size=cfg.batch_size, batch_format="pyarrow")
+        .map_batches(drop_internal_columns, batch_format="pyarrow", batch_size=None)
+        .write_parquet(data_uri))
+    seconds_generating = time.perf_counter() - started
+
+    failed = gather_quarantine(stage, "prompts")
+    fs, path = StageDir(data_uri).fs_path
+    try:
+        written = pads.dataset(path, filesystem=fs, format="parquet").to_table(
+            columns=[cfg.id_field, "finish_reason", "completion_tokens"])
+    except (FileNotFoundError, KeyError):
+        written = None
+    completions = 0 if written is None else written.num_rows
+    tokens = np.zeros(0, np.int64) if written is None else written.column("completion_tokens").to_numpy()
+    finish = {} if written is None else {
+        reason: int(count) for reason, count in
+        zip(*np.unique(written.column("finish_reason").to_numpy(zero_copy_only=False), return_counts=True))}
+    prompts_out = completions // cfg.sampling.n
+    if len(tokens):
+        stage.write_bytes("completion_tokens.png", token_histogram_png(tokens, cfg.sampling.max_tokens))
+    report = {
+        "stage": "generate", "rows_in": prompts_out + len(failed), "rows_out": prompts_out,
+        "rows_quarantined": len(failed), "rows_filtered": {}, "completions": completions,
+        "completion_tokens": int(tokens.sum()), "finish_reasons": finish, "model": cfg.model, "engine": cfg.engine,
+        "soft_prompt": cfg.soft_prompt, "sampling": cfg.sampling.model_dump(exclude_none=True),
+        "actors": {"min": low, "max": high}, "cpus_per_actor": cfg.num_cpus, "gpus_per_actor": cfg.num_gpus,
+        "tokens_per_second": round(float(tokens.sum()) / max(seconds_generating, 1e-9), 1),
+        "seconds": round(time.perf_counter() - started, 3),
+        "outputs": {"data": data_uri, "quarantine": stage.child("quarantine.jsonl")},
+    }
+    write_report(stage, report, "\n".join([
+        "# generate — batch generation", "",
+        markdown_table([
+            ("prompts in", report["rows_in"]), ("prompts answered", prompts_out), ("completions", completions),
+            ("quarantined (see quarantine.jsonl)", len(failed)), ("completion tokens", report["completion_tokens"]),
+            ("finish reasons", ", ".join(f"{k}: {v:,}" for k, v in finish.items()) or "-"),
+            ("model", f"{cfg.model} ({cfg.engine})"), ("engine actors (min / max)", f"{low} / {high}"),
+            ("tokens / second", report["tokens_per_second"]), ("seconds", report["seconds"])]), "",
+        "![completion lengths](completion_tokens.png)" if len(tokens) else "", ""]))
+    return report
+
