@@ -71,12 +71,13 @@ class Engine(ABC):
     model_name: str
     hidden_size: int  # the width a soft-prompt prefix must have
     max_model_len: int  # prompt (prefix included) plus completion tokens
+    tokenizer: object  # the Hugging Face tokenizer the engine applies to text prompts
 
-    @abstractmethod
-    def count_tokens(self, text: str) -> int: ...
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=True).input_ids)
 
-    @abstractmethod
-    def chat_prompt(self, messages: list[dict]) -> str: ...
+    def chat_prompt(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     @abstractmethod
     def generate(self, prompts: Sequence[str], params: SamplingParams,
@@ -125,12 +126,6 @@ class TransformersEngine(Engine):
         self.max_model_len = self.model.config.max_position_embeddings
         self._grammar_compiler = None  # xgrammar's view of the vocabulary, built on the first structured request
         self._banned_tokens = None
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=True).input_ids)
-
-    def chat_prompt(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def generate(self, prompts: Sequence[str], params: SamplingParams,
                  prefix: np.ndarray | None = None) -> list[list[Completion]]:
@@ -224,7 +219,7 @@ class TransformersEngine(Engine):
             special = set(self.tokenizer.all_special_ids)
             self._banned_tokens = torch.tensor([
                 t for t in range(len(self.tokenizer)) if t not in special
-                and _not_json_text(self.tokenizer.decode([t]))], dtype=torch.long)
+                and not_json_text(self.tokenizer.decode([t]))], dtype=torch.long)
         grammar = self._grammar_compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
         return LogitsProcessorList([_BanTokens(self._banned_tokens), LogitsProcessor(grammar)])
 
@@ -248,7 +243,7 @@ def _first_stop(text: str, stops: Sequence[str]) -> int:
     return min((text.find(s) for s in stops if s in text), default=-1)
 
 
-def _not_json_text(token_text: str) -> bool:
+def not_json_text(token_text: str) -> bool:
     return "\ufffd" in token_text or any(ord(c) < 32 for c in token_text)
 
 

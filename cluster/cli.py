@@ -9,7 +9,7 @@ import sys
 import time
 
 from ..actors.engines import ENGINE_KINDS
-from ..pipelines.recipe import Recipe, RecipeError, build_recipe, load_recipe
+from ..pipelines.recipe import STAGE_ORDER, Recipe, RecipeError, build_recipe, load_recipe
 from ..pipelines import paths
 from ..pipelines.retrieve import check_same_corpus
 from ..pipelines.rundir import MARKER, StageDir, StageError
@@ -360,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
             recipe = recipe_from_serve_args(args)
         elif args.command == "run":
             recipe = load_recipe(args.recipe, args.overrides)
+            if not any(getattr(recipe, stage) for stage in STAGE_ORDER):
+                raise RecipeError(f"{args.recipe}: no stage to run ({', '.join(STAGE_ORDER)}); a serve section is "
+                                  f"started with 'domainsynth serve {args.recipe}'")
         else:
             recipe = load_recipe(os.path.join(EXAMPLES_DIR, "quickstart.yaml"), [f"run_dir={args.out}", *args.overrides])
         recipe = _with_ray_flags(recipe, args)

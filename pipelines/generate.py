@@ -24,22 +24,29 @@ class GenerateError(StageError):
     """The generate stage cannot run as configured; the message names the field."""
 
 
-def engine_pool(cfg: GenerateConfig, cpus: int, gpus: float) -> tuple[int, int]:
-    """(min, max) engine actors: as configured, else autoscale from one to as many as the cluster holds."""
+def engine_pool(cfg: GenerateConfig, cpus: int, gpus: float) -> tuple[int, int, float]:
+    """(min actors, max actors, CPUs per actor): as configured, else autoscale from one to as many as the cluster
+    holds. On CPUs the default is one single-threaded engine per CPU, sharing what the read task leaves (as for
+    embedding: several small torch processes decode faster than one multi-threaded one)."""
     if cfg.num_gpus:
+        per_actor = cfg.num_cpus or 1.0
         fits = int(gpus // cfg.num_gpus)
         what = f"{gpus:g} GPUs for {cfg.num_gpus:g} per actor"
+    elif cfg.num_cpus is None:
+        fits, per_actor = cpus, (cpus - READ_TASK_CPUS) / cpus
+        what = f"{cpus} CPUs"
     else:
-        fits = int((cpus - READ_TASK_CPUS) // cfg.num_cpus)
-        what = f"{cpus} CPUs (less {READ_TASK_CPUS} for reading) for {cfg.num_cpus:g} per actor"
+        per_actor = cfg.num_cpus
+        fits = int((cpus - READ_TASK_CPUS) // per_actor)
+        what = f"{cpus} CPUs (less {READ_TASK_CPUS} for reading) for {per_actor:g} per actor"
     if fits < 1:
         raise GenerateError(f"generate.num_cpus/num_gpus: no engine actor fits: {what}")
     if cfg.concurrency is None:
-        return 1, fits
+        return 1, fits, per_actor
     low, high = (cfg.concurrency, cfg.concurrency) if isinstance(cfg.concurrency, int) else cfg.concurrency
     if low > fits:
         raise GenerateError(f"generate.concurrency: at least {low} actors asked, {fits} fit ({what})")
-    return low, high
+    return low, high, per_actor
 
 
 class QuarantineFailedRows:
@@ -58,12 +65,12 @@ class QuarantineFailedRows:
 
 def run_generate(cfg: GenerateConfig, stage: StageDir) -> dict:
     started = time.perf_counter()
-    low, high = engine_pool(cfg, cluster_cpus(), cluster_gpus())
+    low, high, cpus_per_actor = engine_pool(cfg, cluster_cpus(), cluster_gpus())
     spec = CorpusSpec(cfg.prompts, cfg.prompt_field, cfg.id_field)
     data_uri, parts_uri = stage.child("data"), stage.child(QUARANTINE_PARTS)
     engine_options = dict(cfg.engine_options)
     if cfg.engine == "transformers" and not cfg.num_gpus:
-        engine_options.setdefault("torch_threads", max(1, round(cfg.num_cpus)))
+        engine_options.setdefault("torch_threads", max(1, round(cpus_per_actor)))
     # Blocks of one engine call each, so that every actor of the pool gets work (Ray Data hands out whole blocks).
     (read_corpus(spec, num_cpus=READ_TASK_CPUS, quarantine_dir=parts_uri, rows_per_block=cfg.batch_size)
         .map_batches(GenerateBatch,
@@ -74,7 +81,7 @@ def run_generate(cfg: GenerateConfig, stage: StageDir) -> dict:
                          "on_failure": QuarantineFailedRows(parts_uri),
                          "failure_columns": (corpus.SOURCE_FILE, corpus.SOURCE_LINE, corpus.ORDER)},
                      compute=ActorPoolStrategy(min_size=low, max_size=high),
-                     num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus or None,
+                     num_cpus=cpus_per_actor, num_gpus=cfg.num_gpus or None,
                      batch_size=cfg.batch_size, batch_format="pyarrow")
         .map_batches(drop_internal_columns, batch_format="pyarrow", batch_size=None)
         .write_parquet(data_uri))
@@ -100,7 +107,7 @@ def run_generate(cfg: GenerateConfig, stage: StageDir) -> dict:
         "rows_quarantined": len(failed), "rows_filtered": {}, "completions": completions,
         "completion_tokens": int(tokens.sum()), "finish_reasons": finish, "model": cfg.model, "engine": cfg.engine,
         "soft_prompt": cfg.soft_prompt, "sampling": cfg.sampling.model_dump(exclude_none=True),
-        "actors": {"min": low, "max": high}, "cpus_per_actor": cfg.num_cpus, "gpus_per_actor": cfg.num_gpus,
+        "actors": {"min": low, "max": high}, "cpus_per_actor": round(cpus_per_actor, 3), "gpus_per_actor": cfg.num_gpus,
         "tokens_per_second": round(float(tokens.sum()) / max(seconds_generating, 1e-9), 1),
         "seconds": round(time.perf_counter() - started, 3),
         "outputs": {"data": data_uri, "quarantine": stage.child("quarantine.jsonl")},

@@ -175,7 +175,8 @@ class GenerateConfig(Strict):
     batch_size: int = Field(8, gt=0, description="Prompts per engine call.")
     concurrency: Union[int, tuple[int, int], None] = Field(
         None, description="Engine actors: a number, or [min, max] to autoscale; null = [1, as many as fit].")
-    num_cpus: float = Field(1.0, gt=0, description="CPUs per engine actor (torch threads on CPU).")
+    num_cpus: Optional[float] = Field(None, gt=0, description="CPUs per engine actor (torch threads on CPU); null = "
+                                                              "one actor per CPU sharing them (1 per GPU actor).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per engine actor.")
 
     @field_validator("concurrency")
@@ -270,7 +271,8 @@ class Recipe(Strict):
 STAGE_ORDER = ("select", "embed", "index", "retrieve", "generate")
 _INPUT_PATH_FIELDS = {"select": ("in_domain", "corpus", "negatives", "classifier"), "embed": ("corpus",),
                       "retrieve": ("few_shots", "index"), "generate": ("prompts", "soft_prompt")}
-# Fields that name a model: a Hugging Face id, or a folder (resolved like a path only when it exists there).
+# Fields that name a model: a Hugging Face id, or a folder (resolved like a path when it exists there or starts
+# with ./, ../ or ~).
 _MODEL_FIELDS = {"embed": "model", "generate": "model", "serve": "model"}
 
 
@@ -310,7 +312,7 @@ def _resolve_relative(raw: dict, base_dir: str) -> dict:
         section = raw.get(stage)
         if isinstance(section, dict) and isinstance(section.get(name), str):
             local = _absolute(section[name], base_dir)
-            if os.path.exists(local):
+            if section[name].startswith(("./", "../", "~")) or os.path.exists(local):
                 section[name] = local
     serve = raw.get("serve")
     if isinstance(serve, dict) and isinstance(serve.get("soft_prompts"), dict):

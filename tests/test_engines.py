@@ -11,6 +11,8 @@ from pydantic import ValidationError
 from domainsynth.actors.engines import SamplingParams, TransformersEngine
 from domainsynth.cluster.cli import main
 
+from schemas import QUIZ
+
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
@@ -88,11 +90,6 @@ def test_chat_prompts_use_the_model_chat_template(engine):
     assert engine.generate([prompt], GREEDY)[0][0].completion_tokens > 0
 
 
-QUIZ = {"type": "object", "additionalProperties": False, "required": ["question", "options", "answer"],
-        "properties": {"question": {"type": "string", "minLength": 5, "maxLength": 60},
-                       "options": {"type": "array", "minItems": 4, "maxItems": 4,
-                                   "items": {"type": "string", "maxLength": 20}},
-                       "answer": {"type": "string", "enum": ["A", "B", "C", "D"]}}}
 
 
 def test_structured_output_always_parses_against_its_schema(engine):

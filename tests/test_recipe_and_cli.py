@@ -50,7 +50,7 @@ def test_invalid_field_is_named_with_what_was_expected(tmp_path, edit, field, ex
 def test_missing_required_fields_and_bad_yaml(tmp_path):
     with pytest.raises(RecipeError, match=r"select.corpus: required field is missing"):
         load_recipe(str(_recipe(tmp_path, "run_dir: r\nselect:\n  in_domain: a.jsonl\n")))
-    with pytest.raises(RecipeError, match=r"run_dir: required field is missing"):
+    with pytest.raises(RecipeError, match=r"run_dir: required when the recipe has a stage"):
         load_recipe(str(_recipe(tmp_path, "select: {in_domain: a, corpus: b}\n")))
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(str(_recipe(tmp_path, "run_dir: [unclosed\n")))

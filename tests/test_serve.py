@@ -9,7 +9,6 @@ import threading
 import time
 
 import jsonschema
-import numpy as np
 import pytest
 import requests
 from ray import serve
@@ -21,14 +20,12 @@ from domainsynth.pipelines.recipe import build_recipe
 from domainsynth.pipelines.serve import build_application
 
 from conftest import free_port
+from schemas import QUIZ
 
 APP = "generator"
 # Short delays so that the test sees a whole scale-up and scale-down in well under a minute.
 AUTOSCALING = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1, "upscale_delay_s": 1,
                "downscale_delay_s": 3, "look_back_period_s": 2}
-QUIZ = {"type": "object", "additionalProperties": False, "required": ["question", "answer"],
-        "properties": {"question": {"type": "string", "minLength": 3, "maxLength": 40},
-                       "answer": {"type": "string", "enum": ["A", "B", "C", "D"]}}}
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +84,27 @@ def test_completions_chat_models_and_health_answer(server):
     assert chat.json()["usage"]["prompt_tokens"] > 10
 
 
+def test_the_openai_client_works_against_the_endpoint(server):
+    """The contract clients rely on, checked with OpenAI's own Python client (completions, chat, streaming, models,
+    and its error type for a 4xx)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["tiny", "medical"]
+    completion = client.completions.create(model="tiny", prompt="Cells divide", max_tokens=6, temperature=0)
+    assert completion.choices[0].text and completion.usage.completion_tokens <= 6
+    chat = client.chat.completions.create(model="medical", max_tokens=6,
+                                          messages=[{"role": "user", "content": "What is a gene?"}])
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content
+    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", max_tokens=12, temperature=0, stream=True, messages=[{"role": "user", "content": "Hi"}])]
+    assert len([p for p in pieces if p]) > 1
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="tiny", prompt="x", temperature=7)
+
+
 @pytest.mark.parametrize("route, body", [
     ("completions", {"model": "tiny", "prompt": "The immune system"}),
     ("chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "The immune system"}]}),
@@ -113,13 +131,13 @@ def test_structured_output_always_parses_against_its_schema(server):
     texts = []
     for seed in range(2):
         r = post(f"{server}/v1/completions", {"model": "tiny", "prompt": "Write a quiz question:", "n": 4,
-                                              "max_tokens": 80, "seed": seed, "response_format": response_format})
+                                              "max_tokens": 200, "seed": seed, "response_format": response_format})
         assert r.status_code == 200, r.text
         texts += [c["text"] for c in r.json()["choices"]]
-    chat = post(f"{server}/v1/chat/completions", {"model": "medical", "max_tokens": 80, "response_format":
+    chat = post(f"{server}/v1/chat/completions", {"model": "medical", "max_tokens": 200, "response_format":
                                                   response_format, "messages": [{"role": "user", "content": "Quiz"}]})
     texts.append(chat.json()["choices"][0]["message"]["content"])
-    streamed = post(f"{server}/v1/completions", {"model": "tiny", "prompt": "Q:", "max_tokens": 80, "stream": True,
+    streamed = post(f"{server}/v1/completions", {"model": "tiny", "prompt": "Q:", "max_tokens": 200, "stream": True,
                                                  "response_format": response_format}, stream=True)
     texts.append("".join(c["choices"][0]["text"] for c in events(streamed)[:-1]))
     assert len(texts) == 10
