@@ -41,6 +41,10 @@ ROWS_PER_BLOCK = 4096
 # CPUs a read task asks for beside model-holding actor pools: parsing is light (Arrow's C++ JSON reader), and a
 # pool that held every CPU would leave no room for a read task and stall the pipeline.
 READ_TASK_CPUS = 0.25
+# CPUs of the task that cuts a read's output into small blocks (``rows_per_block``): Ray Data's default, which its
+# streaming repartition keeps. What a stage reading that way leaves free beside its actor pool:
+SPLIT_TASK_CPUS = 1.0
+SPLIT_READ_CPUS = READ_TASK_CPUS + SPLIT_TASK_CPUS
 
 
 @dataclass(frozen=True)
@@ -57,17 +61,14 @@ class CorpusDatasource(FileBasedDatasource):
 
     def __init__(self, files: list[InputFile], filesystem, text_field: str, id_field: str,
                  wanted_rows: ray.ObjectRef | None = None, wanted_files: set[int] | None = None,
-                 quarantine_dir: str | None = None, rows_per_block: int | None = None):
+                 quarantine_dir: str | None = None):
         """``wanted_rows``: optionally, a reference to {file index: table of ``line`` numbers and columns to attach},
         with ``wanted_files`` its keys; only those files are opened and only those rows parsed, and they come back
         with the attached columns (the select stage's writing pass reads back the rows it chose, with their scores).
         Files keep their index in ``files`` either way.
 
         ``quarantine_dir``: when set, malformed rows do not flow on; each read task writes its file's to
-        ``quarantine_dir/<file index>.jsonl`` (rewritten whole if the task is retried) and yields only usable rows.
-
-        ``rows_per_block``: hand rows on in blocks of at most this many (for costly per-row work downstream, where
-        Ray Data spreads whole blocks over actors); default: blocks as parsed (``ROWS_PER_BLOCK``)."""
+        ``quarantine_dir/<file index>.jsonl`` (rewritten whole if the task is retried) and yields only usable rows."""
         self._file_keys = {f.path: (i, f.key) for i, f in enumerate(files)}
         if wanted_files is not None:
             files = [f for i, f in enumerate(files) if i in wanted_files]
@@ -76,7 +77,6 @@ class CorpusDatasource(FileBasedDatasource):
         self._id_field = id_field
         self._wanted_rows = wanted_rows
         self._quarantine_dir = quarantine_dir
-        self._rows_per_block = rows_per_block
 
     def _open_input_source(self, filesystem, path: str, **open_args):
         if path.endswith(PARQUET_SUFFIXES):  # Parquet needs random access, not a stream
@@ -84,12 +84,7 @@ class CorpusDatasource(FileBasedDatasource):
         return super()._open_input_source(filesystem, path, **open_args)
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-        for block in self._parsed_blocks(f, path):
-            if self._rows_per_block is None:
-                yield block
-                continue
-            for start in range(0, block.num_rows, self._rows_per_block):
-                yield block.slice(start, self._rows_per_block)
+        yield from self._parsed_blocks(f, path)
 
     def _parsed_blocks(self, f, path: str) -> Iterator[pa.Table]:
         file_index, key = self._lookup(path)
@@ -377,12 +372,14 @@ def read_corpus(spec: CorpusSpec, num_cpus: float | None = None, only_rows: pa.T
 
     ``only_rows``: read back just the rows whose ``_order`` (as an earlier read numbered them) is in this table,
     parsing nothing else, and attach its other columns to them. ``quarantine_dir``: malformed rows are written there
-    by the read tasks instead of flowing on; ``rows_per_block``: smaller blocks (see ``CorpusDatasource``).
+    by the read tasks instead of flowing on. ``rows_per_block``: blocks of at most this many rows, for costly
+    per-row work downstream (Ray Data hands whole blocks to actors, and a read task's output is merged into blocks
+    of up to 128 MiB: a small file would otherwise be one block, worked on by one actor while the others wait).
     """
     filesystem, files = expand_inputs(spec.paths, SUPPORTED_SUFFIXES)
     if only_rows is None:
         datasource = CorpusDatasource(files, filesystem, spec.text_field, spec.id_field,
-                                      quarantine_dir=quarantine_dir, rows_per_block=rows_per_block)
+                                      quarantine_dir=quarantine_dir)
         n_files = len(files)
     else:
         order = only_rows.column(ORDER).to_numpy()
@@ -397,7 +394,18 @@ def read_corpus(spec: CorpusSpec, num_cpus: float | None = None, only_rows: pa.T
     # One read task per file: the datasource already streams each file in blocks, and Ray Data's splitting of read
     # outputs into many smaller blocks (to reach its default parallelism) only adds per-block costs downstream
     # (and one output file per block when writing).
-    return ray.data.read_datasource(datasource, num_cpus=num_cpus, override_num_blocks=n_files)
+    dataset = ray.data.read_datasource(datasource, num_cpus=num_cpus, override_num_blocks=n_files)
+    if rows_per_block is None:
+        return dataset
+    # Ray Data's streaming repartition cuts the blocks; it fuses with a map before it into one task, which keeps the
+    # repartition's resources (SPLIT_TASK_CPUS): stages that read this way leave SPLIT_READ_CPUS free beside their
+    # actor pools, or the task would never be scheduled.
+    return (dataset.map_batches(_unchanged, batch_size=rows_per_block, batch_format="pyarrow")
+            .repartition(target_num_rows_per_block=rows_per_block))
+
+
+def _unchanged(batch: pa.Table) -> pa.Table:
+    return batch
 
 
 def read_texts_locally(spec: CorpusSpec, limit: int | None = None) -> tuple[list[str], list[dict]]:
@@ -427,11 +435,12 @@ def read_texts_locally(spec: CorpusSpec, limit: int | None = None) -> tuple[list
 
 
 @contextlib.contextmanager
-def single_operator_budget():
-    """A read-back pass (read only the chosen rows, then write) fuses into one operator. Ray Data's per-operator
-    resource reservation (meant to keep a pipeline's stages from starving each other) then holds it to half of the
-    CPUs; there is nothing to share with, so it is switched off for the pass (measured in select: 2.9 s -> 1.8 s for
-    2M documents on 2 CPUs)."""
+def without_operator_reservations():
+    """Ray Data reserves a share of the cluster for each operator of a pipeline, so that its stages do not starve
+    each other. Two passes lose by it: a read-back pass (read only the chosen rows, then write) fuses into one
+    operator, which is then held to half of the CPUs (measured in select: 2.9 s -> 1.8 s for 2M documents on 2 CPUs
+    without); and an engine actor pool beside light read and write tasks gets too small a share to grow to the
+    actors that fit (generate on 2 CPUs: one engine actor instead of two)."""
     context = ray.data.DataContext.get_current()
     previous = context.op_resource_reservation_enabled
     context.op_resource_reservation_enabled = False

@@ -11,7 +11,7 @@ from ray.data import ActorPoolStrategy
 
 from ..actors.embedding import SentenceEmbedder
 from . import corpus
-from .corpus import READ_TASK_CPUS, SUPPORTED_SUFFIXES, CorpusSpec, read_corpus
+from .corpus import READ_TASK_CPUS, SPLIT_READ_CPUS, SUPPORTED_SUFFIXES, CorpusSpec, read_corpus
 from .paths import expand_inputs
 from .recipe import EmbedConfig
 from .resources import cluster_cpus, cluster_gpus
@@ -35,13 +35,13 @@ def embedder_pool(cfg: EmbedConfig, cluster_cpus: int) -> tuple[int, float]:
         return actors, cfg.num_cpus or 1.0
     if cfg.num_cpus is None:
         actors = cfg.concurrency or cluster_cpus
-        cpus = (cluster_cpus - READ_TASK_CPUS) / actors
+        cpus = (cluster_cpus - SPLIT_READ_CPUS) / actors
     else:
-        actors = cfg.concurrency or max(1, int((cluster_cpus - READ_TASK_CPUS) // cfg.num_cpus))
+        actors = cfg.concurrency or max(1, int((cluster_cpus - SPLIT_READ_CPUS) // cfg.num_cpus))
         cpus = cfg.num_cpus
-    if actors * cpus + READ_TASK_CPUS > cluster_cpus + 1e-9 or cpus <= 0:
-        raise EmbedError(f"embed.concurrency/num_cpus: {actors} actors x {cpus:g} CPUs and a read task need "
-                         f"{actors * cpus + READ_TASK_CPUS:g} CPUs, the cluster has {cluster_cpus}")
+    if actors * cpus + SPLIT_READ_CPUS > cluster_cpus + 1e-9 or cpus <= 0:
+        raise EmbedError(f"embed.concurrency/num_cpus: {actors} actors x {cpus:g} CPUs and the read tasks need "
+                         f"{actors * cpus + SPLIT_READ_CPUS:g} CPUs, the cluster has {cluster_cpus}")
     return actors, cpus
 
 

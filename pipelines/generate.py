@@ -13,7 +13,8 @@ from ray.data import ActorPoolStrategy
 
 from ..actors.generation import GenerateBatch
 from . import corpus
-from .corpus import READ_TASK_CPUS, CorpusSpec, drop_internal_columns, read_corpus
+from .corpus import (READ_TASK_CPUS, SPLIT_READ_CPUS, CorpusSpec, drop_internal_columns, read_corpus,
+                     without_operator_reservations)
 from .recipe import GenerateConfig
 from .report import markdown_table, token_histogram_png, write_report
 from .resources import cluster_cpus, cluster_gpus
@@ -33,12 +34,14 @@ def engine_pool(cfg: GenerateConfig, cpus: int, gpus: float) -> tuple[int, int, 
         fits = int(gpus // cfg.num_gpus)
         what = f"{gpus:g} GPUs for {cfg.num_gpus:g} per actor"
     elif cfg.num_cpus is None:
-        fits, per_actor = cpus, (cpus - READ_TASK_CPUS) / cpus
-        what = f"{cpus} CPUs"
+        fits, per_actor = cpus, (cpus - SPLIT_READ_CPUS) / cpus
+        what = f"{cpus} CPUs (less {SPLIT_READ_CPUS:g} for reading)"
     else:
         per_actor = cfg.num_cpus
-        fits = int((cpus - READ_TASK_CPUS) // per_actor)
-        what = f"{cpus} CPUs (less {READ_TASK_CPUS} for reading) for {per_actor:g} per actor"
+        fits = int((cpus - SPLIT_READ_CPUS) // per_actor)
+        what = f"{cpus} CPUs (less {SPLIT_READ_CPUS:g} for reading) for {per_actor:g} per actor"
+    if per_actor <= 0:
+        fits = 0
     if fits < 1:
         raise GenerateError(f"generate.num_cpus/num_gpus: no engine actor fits: {what}")
     if cfg.concurrency is None:
@@ -72,7 +75,9 @@ def run_generate(cfg: GenerateConfig, stage: StageDir) -> dict:
     if cfg.engine == "transformers" and not cfg.num_gpus:
         engine_options.setdefault("torch_threads", max(1, round(cpus_per_actor)))
     # Blocks of one engine call each, so that every actor of the pool gets work (Ray Data hands out whole blocks).
-    (read_corpus(spec, num_cpus=READ_TASK_CPUS, quarantine_dir=parts_uri, rows_per_block=cfg.batch_size)
+    # On CPUs, torch threads are what the actor asked for, rounded, at least one: a 0.375-CPU actor uses a core.
+    completions = (
+        read_corpus(spec, num_cpus=READ_TASK_CPUS, quarantine_dir=parts_uri, rows_per_block=cfg.batch_size)
         .map_batches(GenerateBatch,
                      fn_constructor_kwargs={
                          "model": cfg.model, "engine": cfg.engine, "engine_options": engine_options,
@@ -80,11 +85,15 @@ def run_generate(cfg: GenerateConfig, stage: StageDir) -> dict:
                          "system_prompt": cfg.system_prompt, "soft_prompt": cfg.soft_prompt,
                          "on_failure": QuarantineFailedRows(parts_uri),
                          "failure_columns": (corpus.SOURCE_FILE, corpus.SOURCE_LINE, corpus.ORDER)},
-                     compute=ActorPoolStrategy(min_size=low, max_size=high),
+                     # Unset concurrency: start with every actor that fits now (they are free: a ramp from one
+                     # would leave them idle while the first works); a set [min, max] starts at min.
+                     compute=ActorPoolStrategy(min_size=low, max_size=high,
+                                               initial_size=high if cfg.concurrency is None else low),
                      num_cpus=cpus_per_actor, num_gpus=cfg.num_gpus or None,
                      batch_size=cfg.batch_size, batch_format="pyarrow")
-        .map_batches(drop_internal_columns, batch_format="pyarrow", batch_size=None)
-        .write_parquet(data_uri))
+        .map_batches(drop_internal_columns, batch_format="pyarrow", batch_size=None))
+    with without_operator_reservations():  # per-operator reservations would hold the engine pool to a share of the CPUs
+        completions.write_parquet(data_uri)
     seconds_generating = time.perf_counter() - started
 
     failed = gather_quarantine(stage, "prompts")

@@ -25,7 +25,7 @@ import ray
 
 from ..actors.vector_index import IndexPlan, VectorSearcher
 from . import corpus
-from .corpus import CorpusSpec, drop_internal_columns, open_lines, read_corpus, single_operator_budget
+from .corpus import CorpusSpec, drop_internal_columns, open_lines, read_corpus, without_operator_reservations
 from .index import wants_gpu
 from .paths import expand_inputs
 from .recipe import RetrieveConfig
@@ -218,7 +218,7 @@ def run_retrieve(cfg: RetrieveConfig, stage: StageDir) -> dict:
     })
     data_uri = stage.child("data")
     spec = CorpusSpec(meta["corpus"]["paths"], meta["corpus"]["text_field"], meta["corpus"]["id_field"])
-    with single_operator_budget():
+    with without_operator_reservations():
         (read_corpus(spec, only_rows=chosen)
             .map_batches(drop_internal_columns, batch_format="pyarrow", batch_size=None)
             .sort("rank")

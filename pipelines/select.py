@@ -29,7 +29,7 @@ from ray.data import ActorPoolStrategy
 from ..actors.fasttext_domain import FastTextDomainScorer, FastTextParams, normalise_text, train_classifier
 from ..actors.quality import HeuristicQualityScorer, HFQualityScorer
 from . import corpus
-from .corpus import READ_TASK_CPUS, CorpusSpec, drop_internal_columns, read_corpus, read_texts_locally, single_operator_budget
+from .corpus import READ_TASK_CPUS, CorpusSpec, drop_internal_columns, read_corpus, read_texts_locally, without_operator_reservations
 from .recipe import SelectConfig
 from .resources import cluster_cpus
 from .report import markdown_table, score_histogram_png, write_report
@@ -279,7 +279,7 @@ def run_select(cfg: SelectConfig, stage: StageDir) -> dict:
     data_uri = stage.child("data")
     kept = scores.filter(pa.array(keep_mask)).select(
         [c for c in (corpus.ORDER, "domain_score", "quality_score") if c in scores.column_names])
-    with single_operator_budget():
+    with without_operator_reservations():
         (read_corpus(CorpusSpec(cfg.corpus, cfg.text_field, cfg.id_field), only_rows=kept)
             .map_batches(drop_internal_columns, batch_format="pyarrow", batch_size=None)
             .write_parquet(data_uri))

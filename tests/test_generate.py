@@ -46,7 +46,7 @@ def test_bad_rows_are_quarantined_and_the_rest_answered_with_the_soft_prompt(ray
            json.dumps({"id": "long", "prompt": "word " * 1200})]
     path = prompts_file(tmp_path / "prompts.jsonl", 20, bad)
     report = generate(tmp_path / "run", prompts=path, model=tiny_llama, soft_prompt=soft_prompt_file,
-                      sampling={"max_tokens": 12, "temperature": 0}, batch_size=4, num_cpus=0.5,
+                      sampling={"max_tokens": 12, "temperature": 0}, batch_size=4, num_cpus=0.25,
                       concurrency=[1, 2])
     assert (report["rows_in"], report["rows_out"], report["rows_quarantined"]) == (23, 20, 3)
     quarantine = [json.loads(l) for l in (tmp_path / "run/generate/quarantine.jsonl").read_text().splitlines()]
@@ -77,7 +77,7 @@ def test_rows_of_a_killed_engine_actor_are_retried_not_lost(ray_local, tiny_llam
         try:
             result["report"] = generate(tmp_path / "run", prompts=path, model=tiny_llama, batch_size=4,
                                         sampling={"max_tokens": 48, "temperature": 1.0, "n": 2, "seed": 0},
-                                        num_cpus=0.5, concurrency=2)
+                                        num_cpus=0.25, concurrency=2)
         except BaseException as e:
             result["error"] = e
 
@@ -106,7 +106,7 @@ def test_rows_of_a_killed_engine_actor_are_retried_not_lost(ray_local, tiny_llam
 def test_generate_command_line(ray_local, tiny_llama, tmp_path, capsys):
     path = prompts_file(tmp_path / "prompts.jsonl", 6)
     code = main(["generate", "--prompts", path, "--model", tiny_llama, "--out", str(tmp_path / "run"), "--chat",
-                 "--max-tokens", "6", "--n", "2", "--seed", "1", "--set", "generate.num_cpus=0.5"])
+                 "--max-tokens", "6", "--n", "2", "--seed", "1", "--set", "generate.num_cpus=0.25"])
     assert code == 0
     out = capsys.readouterr().out
     assert "generate: 12 completions for 6 of 6 prompts" in out
