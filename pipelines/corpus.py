@@ -44,7 +44,14 @@ READ_TASK_CPUS = 0.25
 # CPUs of the task that cuts a read's output into small blocks (``rows_per_block``): Ray Data's default, which its
 # streaming repartition keeps. What a stage reading that way leaves free beside its actor pool:
 SPLIT_TASK_CPUS = 1.0
-SPLIT_READ_CPUS = READ_TASK_CPUS + SPLIT_TASK_CPUS
+
+
+def reading_cpus(cluster_cpus: int) -> tuple[float, bool]:
+    """(CPUs a stage leaves for reading beside its actor pool, whether to cut the read into small blocks). With one
+    CPU there is room for one actor only, which needs no cutting (and could not leave a CPU for it)."""
+    if cluster_cpus < 2:
+        return READ_TASK_CPUS, False
+    return READ_TASK_CPUS + SPLIT_TASK_CPUS, True
 
 
 @dataclass(frozen=True)
@@ -398,8 +405,8 @@ def read_corpus(spec: CorpusSpec, num_cpus: float | None = None, only_rows: pa.T
     if rows_per_block is None:
         return dataset
     # Ray Data's streaming repartition cuts the blocks; it fuses with a map before it into one task, which keeps the
-    # repartition's resources (SPLIT_TASK_CPUS): stages that read this way leave SPLIT_READ_CPUS free beside their
-    # actor pools, or the task would never be scheduled.
+    # repartition's resources (SPLIT_TASK_CPUS): stages that read this way leave that much free beside their actor
+    # pools (see reading_cpus), or the task would never be scheduled.
     return (dataset.map_batches(_unchanged, batch_size=rows_per_block, batch_format="pyarrow")
             .repartition(target_num_rows_per_block=rows_per_block))
 

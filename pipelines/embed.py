@@ -11,7 +11,7 @@ from ray.data import ActorPoolStrategy
 
 from ..actors.embedding import SentenceEmbedder
 from . import corpus
-from .corpus import READ_TASK_CPUS, SPLIT_READ_CPUS, SUPPORTED_SUFFIXES, CorpusSpec, read_corpus
+from .corpus import READ_TASK_CPUS, SUPPORTED_SUFFIXES, CorpusSpec, read_corpus, reading_cpus
 from .paths import expand_inputs
 from .recipe import EmbedConfig
 from .resources import cluster_cpus, cluster_gpus
@@ -30,18 +30,19 @@ class EmbedError(StageError):
 def embedder_pool(cfg: EmbedConfig, cluster_cpus: int) -> tuple[int, float]:
     """(actors, CPUs per actor). On CPUs the default is one actor per CPU sharing what the read task leaves: several
     single-threaded torch processes embed faster than one multi-threaded one (tokenisation is serial)."""
+    reserved, _ = reading_cpus(cluster_cpus)
     if cfg.num_gpus:
         actors = cfg.concurrency or max(1, int(cluster_gpus() // cfg.num_gpus))
         return actors, cfg.num_cpus or 1.0
     if cfg.num_cpus is None:
         actors = cfg.concurrency or cluster_cpus
-        cpus = (cluster_cpus - SPLIT_READ_CPUS) / actors
+        cpus = (cluster_cpus - reserved) / actors
     else:
-        actors = cfg.concurrency or max(1, int((cluster_cpus - SPLIT_READ_CPUS) // cfg.num_cpus))
+        actors = cfg.concurrency or max(1, int((cluster_cpus - reserved) // cfg.num_cpus))
         cpus = cfg.num_cpus
-    if actors * cpus + SPLIT_READ_CPUS > cluster_cpus + 1e-9 or cpus <= 0:
+    if actors * cpus + reserved > cluster_cpus + 1e-9 or cpus <= 0:
         raise EmbedError(f"embed.concurrency/num_cpus: {actors} actors x {cpus:g} CPUs and the read tasks need "
-                         f"{actors * cpus + SPLIT_READ_CPUS:g} CPUs, the cluster has {cluster_cpus}")
+                         f"{actors * cpus + reserved:g} CPUs, the cluster has {cluster_cpus}")
     return actors, cpus
 
 
@@ -59,7 +60,8 @@ def run_embed(cfg: EmbedConfig, stage: StageDir) -> dict:
     # Embedding costs ~1,000x more per row than reading, and Ray Data hands whole blocks to actors: blocks of a few
     # batches spread the work over every actor (one 4,096-row read block would keep one actor busy for minutes).
     rows_per_call = cfg.batch_size * FORWARD_PASSES_PER_CALL
-    (read_corpus(spec, num_cpus=READ_TASK_CPUS, quarantine_dir=parts_uri, rows_per_block=rows_per_call)
+    _, cut = reading_cpus(cluster_cpus())
+    (read_corpus(spec, num_cpus=READ_TASK_CPUS, quarantine_dir=parts_uri, rows_per_block=rows_per_call if cut else None)
         .map_batches(SentenceEmbedder,
                      fn_constructor_kwargs={"model": cfg.model, "text_field": cfg.text_field,
                                             "keep_columns": [cfg.id_field, corpus.ORDER], "batch_size": cfg.batch_size,

@@ -13,7 +13,7 @@ from ray.data import ActorPoolStrategy
 
 from ..actors.generation import GenerateBatch
 from . import corpus
-from .corpus import (READ_TASK_CPUS, SPLIT_READ_CPUS, CorpusSpec, drop_internal_columns, read_corpus,
+from .corpus import (READ_TASK_CPUS, CorpusSpec, drop_internal_columns, read_corpus, reading_cpus,
                      without_operator_reservations)
 from .recipe import GenerateConfig
 from .report import markdown_table, token_histogram_png, write_report
@@ -29,17 +29,18 @@ def engine_pool(cfg: GenerateConfig, cpus: int, gpus: float) -> tuple[int, int, 
     """(min actors, max actors, CPUs per actor): as configured, else autoscale from one to as many as the cluster
     holds. On CPUs the default is one single-threaded engine per CPU, sharing what the read task leaves (as for
     embedding: several small torch processes decode faster than one multi-threaded one)."""
+    reserved, _ = reading_cpus(cpus)
     if cfg.num_gpus:
         per_actor = cfg.num_cpus or 1.0
         fits = int(gpus // cfg.num_gpus)
         what = f"{gpus:g} GPUs for {cfg.num_gpus:g} per actor"
     elif cfg.num_cpus is None:
-        fits, per_actor = cpus, (cpus - SPLIT_READ_CPUS) / cpus
-        what = f"{cpus} CPUs (less {SPLIT_READ_CPUS:g} for reading)"
+        fits, per_actor = cpus, (cpus - reserved) / cpus
+        what = f"{cpus} CPUs (less {reserved:g} for reading)"
     else:
         per_actor = cfg.num_cpus
-        fits = int((cpus - SPLIT_READ_CPUS) // per_actor)
-        what = f"{cpus} CPUs (less {SPLIT_READ_CPUS:g} for reading) for {per_actor:g} per actor"
+        fits = int((cpus - reserved) // per_actor)
+        what = f"{cpus} CPUs (less {reserved:g} for reading) for {per_actor:g} per actor"
     if per_actor <= 0:
         fits = 0
     if fits < 1:
@@ -77,7 +78,8 @@ def run_generate(cfg: GenerateConfig, stage: StageDir) -> dict:
     # Blocks of one engine call each, so that every actor of the pool gets work (Ray Data hands out whole blocks).
     # On CPUs, torch threads are what the actor asked for, rounded, at least one: a 0.375-CPU actor uses a core.
     completions = (
-        read_corpus(spec, num_cpus=READ_TASK_CPUS, quarantine_dir=parts_uri, rows_per_block=cfg.batch_size)
+        read_corpus(spec, num_cpus=READ_TASK_CPUS, quarantine_dir=parts_uri,
+                    rows_per_block=cfg.batch_size if reading_cpus(cluster_cpus())[1] else None)
         .map_batches(GenerateBatch,
                      fn_constructor_kwargs={
                          "model": cfg.model, "engine": cfg.engine, "engine_options": engine_options,
