@@ -28,7 +28,9 @@ def serve_until_stopped(recipe: Recipe, echo: Callable[[str], None] = print,
     cfg = recipe.serve
     app = build_application(cfg)  # a backend that cannot be built fails here, before Ray starts
     started_ray = ray_runtime.connect(recipe.ray)
-    previous_term = signal.signal(signal.SIGTERM, _raise_stop)  # a pod's stop, like Ctrl-C
+    # Ctrl-C and a pod's SIGTERM both stop it. SIGINT is set here too: a process started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt for it.
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         started = time.perf_counter()
@@ -47,7 +49,8 @@ def serve_until_stopped(recipe: Recipe, echo: Callable[[str], None] = print,
     except (KeyboardInterrupt, _Stop):
         echo("Stopping...")
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         try:
             serve.delete(cfg.app_name)
             if started_ray:
