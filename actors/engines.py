@@ -91,6 +91,14 @@ class Engine(ABC):
         c = self.generate([prompt], params.model_copy(update={"n": 1}), prefix)[0][0]
         yield Delta(c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens)
 
+    def context_overflow(self, prompt: str, params: SamplingParams, prefix: np.ndarray | None = None) -> str | None:
+        """Why ``prompt`` (after ``prefix``) with ``params.max_tokens`` does not fit the context; None when it does."""
+        tokens = self.count_tokens(prompt) + (0 if prefix is None else len(prefix))
+        if tokens + params.max_tokens <= self.max_model_len:
+            return None
+        return (f"{tokens} prompt tokens (soft prompt included) plus max_tokens {params.max_tokens} exceed the "
+                f"model's context of {self.max_model_len}")
+
     def check_prefix(self, prefix: np.ndarray | None) -> None:
         if prefix is not None and (prefix.ndim != 2 or prefix.shape[1] != self.hidden_size):
             raise ValueError(f"prefix: expected shape [m, {self.hidden_size}], got {list(prefix.shape)}")

@@ -66,25 +66,16 @@ class GenerateBatch:
         return self.engine.chat_prompt(messages + [{"role": "user", "content": text}])
 
     def _too_long(self, prompt: str) -> str | None:
-        tokens = self.engine.count_tokens(prompt) + (0 if self.prefix is None else len(self.prefix))
-        if tokens + self.params.max_tokens > self.engine.max_model_len:
-            return (f"prompt too long: {tokens} tokens (soft prompt included) plus max_tokens "
-                    f"{self.params.max_tokens} exceed the model's context of {self.engine.max_model_len}")
-        return None
+        overflow = self.engine.context_overflow(prompt, self.params, self.prefix)
+        return f"prompt too long: {overflow}" if overflow else None
 
     @staticmethod
     def _completion_rows(batch: pa.Table, results: list) -> pa.Table:
         """Each input row repeated once per completion, with the completion's columns appended."""
-        source, completions = [], []
-        for i, row in enumerate(results):
-            if isinstance(row, list):
-                for c in row:
-                    source.append(i)
-                    completions.append(c)
-        out = batch.take(pa.array(np.asarray(source, dtype=np.int64)))
-        choice = np.zeros(len(source), dtype=np.int64)
-        for k in range(1, len(source)):  # completions of one prompt are numbered 0..n-1
-            choice[k] = choice[k - 1] + 1 if source[k] == source[k - 1] else 0
+        done = [(i, j, c) for i, row in enumerate(results) if isinstance(row, list) for j, c in enumerate(row)]
+        out = batch.take(pa.array(np.asarray([i for i, _, _ in done], dtype=np.int64)))
+        choice = np.asarray([j for _, j, _ in done], dtype=np.int64)
+        completions = [c for _, _, c in done]
         columns = {"choice": pa.array(choice), "completion": pa.array([c.text for c in completions], pa.string()),
                    "finish_reason": pa.array([c.finish_reason for c in completions], pa.string()),
                    "prompt_tokens": pa.array([c.prompt_tokens for c in completions], pa.int64()),

@@ -125,11 +125,9 @@ class GeneratorServer:
         return self.prefixes[model]
 
     def _check_fits(self, prompt: str, prefix, params: SamplingParams, field: str) -> None:
-        prompt_tokens = self.engine.count_tokens(prompt) + (0 if prefix is None else len(prefix))
-        if prompt_tokens + params.max_tokens > self.engine.max_model_len:
-            raise oa.APIError(400, f"{field}: {prompt_tokens} prompt tokens (soft prompt included) plus max_tokens "
-                                   f"{params.max_tokens} exceed the model's context of {self.engine.max_model_len}",
-                              param=field, code="context_length_exceeded")
+        overflow = self.engine.context_overflow(prompt, params, prefix)
+        if overflow:
+            raise oa.APIError(400, f"{field}: {overflow}", param=field, code="context_length_exceeded")
 
     # -- generation --------------------------------------------------------------------------------------------------
 

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser(
         "generate", help="batch generation: completions for a file of prompts on an autoscaling pool of engines",
         description="Generate --n completions for every prompt of --prompts (JSONL/Parquet, field --prompt-field) "
-                    "with an engine per Ray Data actor (the pool grows from 1 to as many as fit), writing "
+                    "with an engine per Ray Data actor (as many as fit, or --set generate.concurrency=[MIN,MAX]), writing "
                     "RUN_DIR/generate/data/*.parquet (input fields + choice, completion, finish_reason, token "
                     "counts), report.json, report.md and quarantine.jsonl (unreadable rows, prompts too long).")
     gen.add_argument("--prompts", required=True, action="append", metavar="PATH_OR_GLOB",

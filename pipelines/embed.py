@@ -53,15 +53,17 @@ def corpus_paths(cfg: EmbedConfig, stage: StageDir) -> list[str]:
 
 def run_embed(cfg: EmbedConfig, stage: StageDir) -> dict:
     started = time.perf_counter()
-    actors, cpus_per_actor = embedder_pool(cfg, cluster_cpus())
+    cpus = cluster_cpus()
+    actors, cpus_per_actor = embedder_pool(cfg, cpus)
+    _, cut_blocks = reading_cpus(cpus)
     spec = CorpusSpec(corpus_paths(cfg, stage), cfg.text_field, cfg.id_field)
     _, files = expand_inputs(spec.paths, SUPPORTED_SUFFIXES)
     data_uri, parts_uri = stage.child("data"), stage.child(QUARANTINE_PARTS)
     # Embedding costs ~1,000x more per row than reading, and Ray Data hands whole blocks to actors: blocks of a few
     # batches spread the work over every actor (one 4,096-row read block would keep one actor busy for minutes).
     rows_per_call = cfg.batch_size * FORWARD_PASSES_PER_CALL
-    _, cut = reading_cpus(cluster_cpus())
-    (read_corpus(spec, num_cpus=READ_TASK_CPUS, quarantine_dir=parts_uri, rows_per_block=rows_per_call if cut else None)
+    (read_corpus(spec, num_cpus=READ_TASK_CPUS, quarantine_dir=parts_uri,
+                 rows_per_block=rows_per_call if cut_blocks else None)
         .map_batches(SentenceEmbedder,
                      fn_constructor_kwargs={"model": cfg.model, "text_field": cfg.text_field,
                                             "keep_columns": [cfg.id_field, corpus.ORDER], "batch_size": cfg.batch_size,

@@ -41,8 +41,6 @@ def engine_pool(cfg: GenerateConfig, cpus: int, gpus: float) -> tuple[int, int, 
         per_actor = cfg.num_cpus
         fits = int((cpus - reserved) // per_actor)
         what = f"{cpus} CPUs (less {reserved:g} for reading) for {per_actor:g} per actor"
-    if per_actor <= 0:
-        fits = 0
     if fits < 1:
         raise GenerateError(f"generate.num_cpus/num_gpus: no engine actor fits: {what}")
     if cfg.concurrency is None:
@@ -69,7 +67,9 @@ class QuarantineFailedRows:
 
 def run_generate(cfg: GenerateConfig, stage: StageDir) -> dict:
     started = time.perf_counter()
-    low, high, cpus_per_actor = engine_pool(cfg, cluster_cpus(), cluster_gpus())
+    cpus = cluster_cpus()
+    low, high, cpus_per_actor = engine_pool(cfg, cpus, cluster_gpus())
+    _, cut_blocks = reading_cpus(cpus)
     spec = CorpusSpec(cfg.prompts, cfg.prompt_field, cfg.id_field)
     data_uri, parts_uri = stage.child("data"), stage.child(QUARANTINE_PARTS)
     engine_options = dict(cfg.engine_options)
@@ -79,7 +79,7 @@ def run_generate(cfg: GenerateConfig, stage: StageDir) -> dict:
     # On CPUs, torch threads are what the actor asked for, rounded, at least one: a 0.375-CPU actor uses a core.
     completions = (
         read_corpus(spec, num_cpus=READ_TASK_CPUS, quarantine_dir=parts_uri,
-                    rows_per_block=cfg.batch_size if reading_cpus(cluster_cpus())[1] else None)
+                    rows_per_block=cfg.batch_size if cut_blocks else None)
         .map_batches(GenerateBatch,
                      fn_constructor_kwargs={
                          "model": cfg.model, "engine": cfg.engine, "engine_options": engine_options,
