@@ -8,6 +8,7 @@ are retried, not lost; ``on_failure`` must therefore be idempotent.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Callable, Optional
 
@@ -26,29 +27,28 @@ class GenerateBatch:
     def __init__(self, model: str, params: dict, prompt_field: str, on_failure: Callable[[list[dict]], None],
                  engine: str = "transformers", engine_options: Optional[dict] = None, chat: bool = False,
                  system_prompt: Optional[str] = None, soft_prompt: Optional[str] = None,
-                 failure_columns: tuple[str, ...] = ()):
+                 failure_columns: tuple[str, ...] = (), schema_column: Optional[str] = None,
+                 seed_column: Optional[str] = None):
         self.engine = load_engine(model, engine, **(engine_options or {}))
         self.params = SamplingParams.model_validate(params)
         self.prefix = load_soft_prompt(soft_prompt) if soft_prompt else None
         self.engine.check_prefix(self.prefix)
         self.prompt_field, self.chat, self.system_prompt = prompt_field, chat, system_prompt
         self.on_failure, self.failure_columns = on_failure, failure_columns
+        self.schema_column, self.seed_column = schema_column, seed_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         prompts = [self._prompt(text) for text in batch.column(self.prompt_field).to_pylist()]
         results: list[list[Completion] | str] = [self._too_long(p) or [] for p in prompts]
-        fitting = [i for i, r in enumerate(results) if not r]
-        if fitting:
+        for params, rows in self._calls(batch, [i for i, r in enumerate(results) if not r]):
             try:
-                for i, row in zip(fitting, self.engine.generate([prompts[i] for i in fitting], self.params,
-                                                                self.prefix)):
+                for i, row in zip(rows, self.engine.generate([prompts[i] for i in rows], params, self.prefix)):
                     results[i] = row
             except Exception:  # one bad row must not sink its batch: try each alone, set aside those that fail
-                logger.warning("a batch of %d prompts failed; generating them one by one", len(fitting),
-                               exc_info=True)
-                for i in fitting:
+                logger.warning("a batch of %d prompts failed; generating them one by one", len(rows), exc_info=True)
+                for i in rows:
                     try:
-                        results[i] = self.engine.generate([prompts[i]], self.params, self.prefix)[0]
+                        results[i] = self.engine.generate([prompts[i]], params, self.prefix)[0]
                     except Exception as e:
                         results[i] = f"generation failed: {type(e).__name__}: {e}"
         failed = [i for i, r in enumerate(results) if isinstance(r, str)]
@@ -58,6 +58,25 @@ class GenerateBatch:
             self.on_failure([{**row, "reason": results[i], "prompt": prompts[i][:500]}
                              for row, i in zip(rows, failed)])
         return self._completion_rows(batch, results)
+
+    def _calls(self, batch: pa.Table, rows: list[int]) -> list[tuple[SamplingParams, list[int]]]:
+        """The engine calls for ``rows``: one, unless rows carry their own JSON schema (``schema_column``, a JSON
+        string; rows sharing one go together). With a seed and ``seed_column``, a call's seed is offset by its
+        rows' smallest value there, so that batches of identical prompts (DOMINO's) do not repeat each other."""
+        if not rows:
+            return []
+        schemas = batch.column(self.schema_column).to_pylist() if self.schema_column else [None] * len(batch)
+        offsets = batch.column(self.seed_column).to_pylist() if self.seed_column else None
+        groups: dict[str | None, list[int]] = {}
+        for i in rows:
+            groups.setdefault(schemas[i], []).append(i)
+        calls = []
+        for schema, members in groups.items():
+            update = {"json_schema": json.loads(schema)} if schema else {}
+            if offsets is not None and self.params.seed is not None:
+                update["seed"] = self.params.seed + int(min(offsets[i] for i in members))
+            calls.append((self.params.model_copy(update=update), members))
+        return calls
 
     def _prompt(self, text: str) -> str:
         if not self.chat:

@@ -1,5 +1,5 @@
-"""The ``domainsynth`` command line: ``select``, ``embed``, ``retrieve``, ``generate``, ``serve``, ``models``,
-``run RECIPE.yaml`` and ``demo``."""
+"""The ``domainsynth`` command line: ``select``, ``embed``, ``retrieve``, ``generate``, ``synthesize``, ``qc``,
+``judge``, ``serve``, ``models``, ``run RECIPE.yaml`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -156,6 +156,65 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, metavar="S", help="sampling seed")
     _add_common(gen)
 
+    syn = sub.add_parser(
+        "synthesize", help="synthesize task data with an LLM: CRAFT task samples, TRAIT passages, DOMINO samples",
+        description="--method craft: rewrite each retrieved document (--documents, default RUN_DIR/retrieve/data) "
+                    "into a task sample in the format of --few-shots; trait: group the problems of --examples (by "
+                    "--entity-field, or by embedding neighbours) and write a task-oriented passage per group; "
+                    "domino: sample --num-samples inputs from the domain soft prompt --soft-prompt (and answer them "
+                    "with --respond). Writes RUN_DIR/synthesize/{data,dropped}/*.parquet (every dropped row with "
+                    "drop_reason), report.json, report.md and quarantine.jsonl.")
+    syn.add_argument("--method", required=True, choices=("craft", "trait", "domino"))
+    syn.add_argument("--model", required=True, metavar="PATH_OR_ID", help="causal LM: Hugging Face id or folder")
+    syn.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (local path or URI)")
+    syn.add_argument("--documents", action="append", metavar="PATH",
+                     help="craft: documents to rewrite (default RUN_DIR/retrieve/data)")
+    syn.add_argument("--few-shots", action="append", metavar="FILE", help="craft: the task's examples (JSONL)")
+    syn.add_argument("--task", choices=("multiple_choice", "qa", "summarization"),
+                     help="craft: task type (default multiple_choice)")
+    syn.add_argument("--examples", action="append", metavar="FILE", help="trait: downstream-task problems (JSONL)")
+    syn.add_argument("--entity-field", metavar="NAME", help="trait: group problems sharing this field's value "
+                                                            "(default: group by embedding neighbours)")
+    syn.add_argument("--soft-prompt", metavar="PATH", help="domino: the domain soft prompt ([m, hidden])")
+    syn.add_argument("--num-samples", type=_positive_int, metavar="N", help="domino: inputs to sample (default 1000)")
+    syn.add_argument("--respond", action="store_true", help="domino: let the LLM write each kept input's output")
+    syn.add_argument("--template", metavar="FILE", help="Jinja2 prompt template replacing the method's default")
+    syn.add_argument("--engine", choices=ENGINE_KINDS, help="engine (default transformers)")
+    syn.add_argument("--max-tokens", type=_positive_int, metavar="N", help="tokens per completion")
+    syn.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (method default)")
+    syn.add_argument("--seed", type=int, metavar="S", help="sampling seed")
+    _add_common(syn)
+
+    qc = sub.add_parser(
+        "qc", help="quality control: exact and near-duplicates, decontamination, similarity to references",
+        description="Drop exact and near-duplicate samples (MinHash/LSH on Ray Data), samples copying a reference "
+                    "(--references), samples sharing a 13-gram with an evaluation set (--eval), and write "
+                    "RUN_DIR/qc/{data,dropped}/*.parquet (every dropped row with its reason), report.json, report.md "
+                    "and quarantine.jsonl.")
+    qc.add_argument("--input", required=True, action="append", metavar="PATH", help="samples (JSONL/Parquet)")
+    qc.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (local path or URI)")
+    qc.add_argument("--references", action="append", metavar="FILE", help="reference samples, e.g. the few-shots")
+    qc.add_argument("--eval", action="append", metavar="FILE", help="evaluation set to decontaminate against")
+    qc.add_argument("--threshold", type=_probability, metavar="J",
+                    help="Jaccard similarity of near-duplicates (default 0.85)")
+    qc.add_argument("--text-field", metavar="NAME", help="field holding the sample's text (default: text)")
+    _add_common(qc)
+
+    jud = sub.add_parser(
+        "judge", help="LLM judge: rate samples on five levels, keep those at or above a threshold",
+        description="The LLM rates each sample very poor / poor / average / good / excellent (JSON at temperature "
+                    "0); samples rated at least --threshold (default excellent) go to RUN_DIR/judge/data, the "
+                    "others to RUN_DIR/judge/dropped, all with judge_rating and judge_score.")
+    jud.add_argument("--input", required=True, action="append", metavar="PATH", help="samples (JSONL/Parquet)")
+    jud.add_argument("--model", required=True, metavar="PATH_OR_ID", help="causal LM: Hugging Face id or folder")
+    jud.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (local path or URI)")
+    jud.add_argument("--threshold", choices=("very poor", "poor", "average", "good", "excellent"),
+                     help="lowest rating kept (default excellent)")
+    jud.add_argument("--text-field", metavar="NAME", help="field the judge reads (default: text)")
+    jud.add_argument("--template", metavar="FILE", help="Jinja2 judge template replacing the default")
+    jud.add_argument("--engine", choices=ENGINE_KINDS, help="engine (default transformers)")
+    _add_common(jud)
+
     srv = sub.add_parser(
         "serve", help="serve a generator as an OpenAI-compatible endpoint on Ray Serve (autoscaled)",
         description="Start the generator endpoint: POST /v1/completions and /v1/chat/completions (streaming too), "
@@ -183,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "weights) and a byte-level BPE tokenizer trained on the bundled texts, with a chat template, in "
                     "Hugging Face format. Nothing is downloaded.")
     tiny.add_argument("dir", metavar="DIR", help="output folder")
+    tiny.add_argument("--max-positions", type=_positive_int, default=1024, metavar="N",
+                      help="context length in tokens (default 1024; CRAFT's prompts want 4096)")
 
     run = sub.add_parser("run", help="run every stage a recipe configures",
                          description="Validate RECIPE.yaml (see docs/recipes.md), then run its stages in order. "
@@ -193,7 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the quickstart recipe on bundled sample data and a local Ray",
                           description="Run examples/quickstart.yaml: hidden biomedical abstracts are recovered from "
-                                      "a sample of general web text. Ends by printing where the results are.")
+                                      "a sample of general web text, the documents closest to CRAFT's BioQA "
+                                      "few-shots are retrieved and rewritten into multiple-choice samples by a tiny "
+                                      "Llama (made in models/tiny-llama-4k), checked for duplicates and leaks of an "
+                                      "MMLU evaluation set, and rated by the LLM judge. Ends by printing where the "
+                                      "results are.")
     demo.add_argument("--out", default="runs/quickstart", metavar="RUN_DIR",
                       help="run directory (default: runs/quickstart)")
     _add_common(demo)
@@ -265,6 +330,47 @@ def recipe_from_generate_args(args: argparse.Namespace) -> Recipe:
     return build_recipe({"run_dir": args.out, "generate": generate}, "command line", os.getcwd(), args.overrides)
 
 
+def _given(args: argparse.Namespace, *flags: str) -> dict:
+    return {flag: getattr(args, flag) for flag in flags if getattr(args, flag) is not None}
+
+
+def recipe_from_synthesize_args(args: argparse.Namespace) -> Recipe:
+    synthesize: dict = {"method": args.method, "model": args.model, **_given(args, "template", "engine")}
+    if args.method == "craft":
+        synthesize["craft"] = {"documents": args.documents or [paths.join(args.out, "retrieve", "data")],
+                               **_given(args, "few_shots", "task")}
+    elif args.method == "trait":
+        if not args.examples:
+            raise RecipeError("synthesize --method trait: give --examples FILE (the downstream-task problems)")
+        synthesize["trait"] = {"examples": args.examples}
+        if args.entity_field:
+            synthesize["trait"].update(grouping="entity", entity_field=args.entity_field)
+    else:
+        if not args.soft_prompt:
+            raise RecipeError("synthesize --method domino: give --soft-prompt PATH (the domain soft prompt)")
+        synthesize["domino"] = {"soft_prompt": args.soft_prompt, "respond": args.respond,
+                                **_given(args, "num_samples")}
+    sampling = _given(args, "max_tokens", "temperature", "seed")
+    if sampling:
+        synthesize["sampling"] = sampling
+    return build_recipe({"run_dir": args.out, "synthesize": synthesize}, "command line", os.getcwd(), args.overrides)
+
+
+def recipe_from_qc_args(args: argparse.Namespace) -> Recipe:
+    qc: dict = {"input": args.input, **_given(args, "references", "text_field")}
+    if args.eval:
+        qc["decontaminate"] = {"eval_files": args.eval}
+    if args.threshold is not None:
+        qc["near_dedup"] = {"threshold": args.threshold}
+    return build_recipe({"run_dir": args.out, "qc": qc}, "command line", os.getcwd(), args.overrides)
+
+
+def recipe_from_judge_args(args: argparse.Namespace) -> Recipe:
+    judge = {"input": args.input, "model": args.model, **_given(args, "threshold", "text_field", "template",
+                                                                  "engine")}
+    return build_recipe({"run_dir": args.out, "judge": judge}, "command line", os.getcwd(), args.overrides)
+
+
 def recipe_from_serve_args(args: argparse.Namespace) -> Recipe:
     """RECIPE's serve section (if given) with the flags laid over it."""
     if args.recipe:
@@ -288,6 +394,17 @@ def recipe_from_serve_args(args: argparse.Namespace) -> Recipe:
     if "model" not in serve:
         raise RecipeError("serve: give --model, or a RECIPE with a serve section")
     return build_recipe(raw, source, base_dir, [] if args.recipe else args.overrides)
+
+
+def demo_model(folder: str = os.path.join("models", "tiny-llama-4k")) -> str:
+    """The demo's generator: a tiny Llama with a 4,096-token context, made here the first time (nothing is
+    downloaded)."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        from ..actors.tiny_models import make_tiny_llama
+
+        print(f"Making a tiny Llama for the demo in {folder} (random weights; once) ...")
+        make_tiny_llama(folder, max_positions=4096)
+    return os.path.abspath(folder)
 
 
 def _with_ray_flags(recipe: Recipe, args: argparse.Namespace) -> Recipe:
@@ -336,6 +453,16 @@ def summarise(reports: dict[str, dict], run_dir: str) -> str:
                      f"quarantined {gen['rows_quarantined']:,}")
         lines.append(f"    data:   {gen['outputs']['data']}")
         lines.append(f"    report: {run_dir.rstrip('/')}/generate/report.md")
+    for name in ("synthesize", "qc", "judge"):
+        rep = reports.get(name)
+        if rep:
+            dropped = ", ".join(f"{n:,} {reason.replace('_', ' ')}" for reason, n in rep["rows_filtered"].items() if n)
+            what = f" ({rep['method']})" if name == "synthesize" else ""
+            lines.append(f"  {name}{what}: kept {rep['rows_out']:,} of {rep['rows_in']:,} "
+                         f"({rep['acceptance_rate']:.0%}); dropped {dropped or 'none'}; quarantined "
+                         f"{rep['rows_quarantined']:,}")
+            lines.append(f"    data:   {rep['outputs']['data']}")
+            lines.append(f"    report: {run_dir.rstrip('/')}/{name}/report.md")
     return "\n".join(lines)
 
 
@@ -345,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "models":
         from ..actors.tiny_models import make_tiny_llama
 
-        print(f"Tiny model written to {make_tiny_llama(args.dir)}")
+        print(f"Tiny model written to {make_tiny_llama(args.dir, max_positions=args.max_positions)}")
         return 0
     try:
         if args.command == "select":
@@ -356,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
             recipe = recipe_from_retrieve_args(args)
         elif args.command == "generate":
             recipe = recipe_from_generate_args(args)
+        elif args.command in ("synthesize", "qc", "judge"):
+            recipe = {"synthesize": recipe_from_synthesize_args, "qc": recipe_from_qc_args,
+                      "judge": recipe_from_judge_args}[args.command](args)
         elif args.command == "serve":
             recipe = recipe_from_serve_args(args)
         elif args.command == "run":
@@ -364,7 +494,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise RecipeError(f"{args.recipe}: no stage to run ({', '.join(STAGE_ORDER)}); a serve section is "
                                   f"started with 'domainsynth serve {args.recipe}'")
         else:
-            recipe = load_recipe(os.path.join(EXAMPLES_DIR, "quickstart.yaml"), [f"run_dir={args.out}", *args.overrides])
+            model = demo_model()
+            recipe = load_recipe(os.path.join(EXAMPLES_DIR, "quickstart.yaml"),
+                                 [f"run_dir={args.out}", f"synthesize.model={model}", f"judge.model={model}",
+                                  *args.overrides])
         recipe = _with_ray_flags(recipe, args)
         preflight(recipe)
     except (RecipeError, FileNotFoundError, ValueError, StageError) as e:

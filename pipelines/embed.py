@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pyarrow.dataset as pads
+import ray
 from ray.data import ActorPoolStrategy
 
 from ..actors.embedding import SentenceEmbedder
@@ -102,3 +104,21 @@ def run_embed(cfg: EmbedConfig, stage: StageDir) -> dict:
                         ("seconds", report["seconds"])]), ""]))
     return report
 
+
+
+def embed_texts(texts: list[str], model: str, max_seq_length: int | None = 256) -> np.ndarray:
+    """Normalised float32 vectors for a few thousand texts (grouping problems, report measures), computed in one
+    Ray task so that the driver never loads a model."""
+    if not texts:
+        return np.zeros((0, 0), np.float32)
+    return ray.get(_embed_task.remote(texts, model, max_seq_length))
+
+
+@ray.remote(num_cpus=1)
+def _embed_task(texts: list[str], model: str, max_seq_length: int | None) -> np.ndarray:
+    import torch
+
+    from ..actors.embedding import encode, load_sentence_model
+
+    torch.set_num_threads(1)
+    return encode(load_sentence_model(model, max_seq_length), texts, batch_size=64).astype(np.float32)

@@ -6,16 +6,18 @@ counts). Rows that cannot be read or generated go to ``quarantine.jsonl`` with f
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.dataset as pads
-from ray.data import ActorPoolStrategy
+from ray.data import ActorPoolStrategy, Dataset
 
+from ..actors.engines import SamplingParams
 from ..actors.generation import GenerateBatch
 from . import corpus
 from .corpus import (READ_TASK_CPUS, CorpusSpec, drop_internal_columns, read_corpus, reading_cpus,
                      without_operator_reservations)
-from .recipe import GenerateConfig
+from .recipe import EnginePoolConfig, GenerateConfig
 from .report import markdown_table, token_histogram_png, write_report
 from .resources import cluster_cpus, cluster_gpus
 from .rundir import QUARANTINE_PARTS, StageDir, StageError, gather_quarantine, write_quarantine_part
@@ -25,7 +27,7 @@ class GenerateError(StageError):
     """The generate stage cannot run as configured; the message names the field."""
 
 
-def engine_pool(cfg: GenerateConfig, cpus: int, gpus: float) -> tuple[int, int, float]:
+def engine_pool(cfg: EnginePoolConfig, cpus: int, gpus: float, section: str = "generate") -> tuple[int, int, float]:
     """(min actors, max actors, CPUs per actor): as configured, else autoscale from one to as many as the cluster
     holds. On CPUs the default is one single-threaded engine per CPU, sharing what the read task leaves (as for
     embedding: several small torch processes decode faster than one multi-threaded one)."""
@@ -42,12 +44,12 @@ def engine_pool(cfg: GenerateConfig, cpus: int, gpus: float) -> tuple[int, int, 
         fits = int((cpus - reserved) // per_actor)
         what = f"{cpus} CPUs (less {reserved:g} for reading) for {per_actor:g} per actor"
     if fits < 1:
-        raise GenerateError(f"generate.num_cpus/num_gpus: no engine actor fits: {what}")
+        raise GenerateError(f"{section}.num_cpus/num_gpus: no engine actor fits: {what}")
     if cfg.concurrency is None:
         return 1, fits, per_actor
     low, high = (cfg.concurrency, cfg.concurrency) if isinstance(cfg.concurrency, int) else cfg.concurrency
     if low > fits:
-        raise GenerateError(f"generate.concurrency: at least {low} actors asked, {fits} fit ({what})")
+        raise GenerateError(f"{section}.concurrency: at least {low} actors asked, {fits} fit ({what})")
     return low, high, per_actor
 
 
@@ -55,45 +57,75 @@ class QuarantineFailedRows:
     """Where engine actors put rows they could not generate: one part per row, named by its place in the input, so
     that a batch run again (after an actor died) rewrites the same parts instead of adding copies."""
 
-    def __init__(self, parts_uri: str):
-        self.parts_uri = parts_uri
+    def __init__(self, parts_uri: str, name: str = "generate"):
+        self.parts_uri, self.name = parts_uri, name
 
     def __call__(self, rows: list[dict]) -> None:
         for row in rows:
-            write_quarantine_part(self.parts_uri, f"generate-{row[corpus.ORDER]:020d}.jsonl", [{
+            write_quarantine_part(self.parts_uri, f"{self.name}-{row[corpus.ORDER]:020d}.jsonl", [{
                 "file": row[corpus.SOURCE_FILE], "line": row[corpus.SOURCE_LINE], "reason": row["reason"],
                 "raw": row["prompt"]}])
 
 
+@dataclass(frozen=True)
+class EnginePool:
+    """A sized pool of engine actors: what ``engine_pool`` decided, and whether reads are cut into small blocks."""
+    cfg: EnginePoolConfig
+    low: int
+    high: int
+    cpus_per_actor: float
+    cut_blocks: bool
+
+    @classmethod
+    def plan(cls, cfg: EnginePoolConfig, section: str = "generate") -> "EnginePool":
+        cpus = cluster_cpus()
+        low, high, per_actor = engine_pool(cfg, cpus, cluster_gpus(), section)
+        return cls(cfg, low, high, per_actor, reading_cpus(cpus)[1])
+
+    @property
+    def rows_per_block(self) -> int | None:
+        """Blocks of one engine call each, so that every actor of the pool gets work (Ray Data hands out whole
+        blocks); with one CPU there is one actor, and no cutting."""
+        return self.cfg.batch_size if self.cut_blocks else None
+
+    def generate(self, rows: Dataset, params: SamplingParams, prompt_field: str, parts_uri: str,
+                 quarantine_name: str = "generate", chat: bool = False, system_prompt: str | None = None,
+                 soft_prompt: str | None = None, schema_column: str | None = None,
+                 seed_column: str | None = None) -> Dataset:
+        """``rows`` (with provenance columns) through the pool: one row per completion, with GenerateBatch's
+        columns; rows that cannot be generated go to ``parts_uri`` as quarantine parts."""
+        cfg = self.cfg
+        engine_options = dict(cfg.engine_options)
+        if cfg.engine == "transformers" and not cfg.num_gpus:
+            # torch threads are what the actor asked for, rounded, at least one: a 0.375-CPU actor uses a core.
+            engine_options.setdefault("torch_threads", max(1, round(self.cpus_per_actor)))
+        return rows.map_batches(
+            GenerateBatch,
+            fn_constructor_kwargs={
+                "model": cfg.model, "engine": cfg.engine, "engine_options": engine_options,
+                "params": params.model_dump(), "prompt_field": prompt_field, "chat": chat,
+                "system_prompt": system_prompt, "soft_prompt": soft_prompt,
+                "on_failure": QuarantineFailedRows(parts_uri, quarantine_name),
+                "failure_columns": (corpus.SOURCE_FILE, corpus.SOURCE_LINE, corpus.ORDER),
+                "schema_column": schema_column, "seed_column": seed_column},
+            # Unset concurrency: start with every actor that fits now (they are free: a ramp from one would leave
+            # them idle while the first works); a set [min, max] starts at min.
+            compute=ActorPoolStrategy(min_size=self.low, max_size=self.high,
+                                      initial_size=self.high if cfg.concurrency is None else self.low),
+            num_cpus=self.cpus_per_actor, num_gpus=cfg.num_gpus or None,
+            batch_size=cfg.batch_size, batch_format="pyarrow")
+
+
 def run_generate(cfg: GenerateConfig, stage: StageDir) -> dict:
     started = time.perf_counter()
-    cpus = cluster_cpus()
-    low, high, cpus_per_actor = engine_pool(cfg, cpus, cluster_gpus())
-    _, cut_blocks = reading_cpus(cpus)
+    pool = EnginePool.plan(cfg)
+    low, high, cpus_per_actor = pool.low, pool.high, pool.cpus_per_actor
     spec = CorpusSpec(cfg.prompts, cfg.prompt_field, cfg.id_field)
     data_uri, parts_uri = stage.child("data"), stage.child(QUARANTINE_PARTS)
-    engine_options = dict(cfg.engine_options)
-    if cfg.engine == "transformers" and not cfg.num_gpus:
-        engine_options.setdefault("torch_threads", max(1, round(cpus_per_actor)))
-    # Blocks of one engine call each, so that every actor of the pool gets work (Ray Data hands out whole blocks).
-    # On CPUs, torch threads are what the actor asked for, rounded, at least one: a 0.375-CPU actor uses a core.
-    completions = (
-        read_corpus(spec, num_cpus=READ_TASK_CPUS, quarantine_dir=parts_uri,
-                    rows_per_block=cfg.batch_size if cut_blocks else None)
-        .map_batches(GenerateBatch,
-                     fn_constructor_kwargs={
-                         "model": cfg.model, "engine": cfg.engine, "engine_options": engine_options,
-                         "params": cfg.sampling.model_dump(), "prompt_field": cfg.prompt_field, "chat": cfg.chat,
-                         "system_prompt": cfg.system_prompt, "soft_prompt": cfg.soft_prompt,
-                         "on_failure": QuarantineFailedRows(parts_uri),
-                         "failure_columns": (corpus.SOURCE_FILE, corpus.SOURCE_LINE, corpus.ORDER)},
-                     # Unset concurrency: start with every actor that fits now (they are free: a ramp from one
-                     # would leave them idle while the first works); a set [min, max] starts at min.
-                     compute=ActorPoolStrategy(min_size=low, max_size=high,
-                                               initial_size=high if cfg.concurrency is None else low),
-                     num_cpus=cpus_per_actor, num_gpus=cfg.num_gpus or None,
-                     batch_size=cfg.batch_size, batch_format="pyarrow")
-        .map_batches(drop_internal_columns, batch_format="pyarrow", batch_size=None))
+    prompts = read_corpus(spec, num_cpus=READ_TASK_CPUS, quarantine_dir=parts_uri, rows_per_block=pool.rows_per_block)
+    completions = (pool.generate(prompts, cfg.sampling, cfg.prompt_field, parts_uri, chat=cfg.chat,
+                                 system_prompt=cfg.system_prompt, soft_prompt=cfg.soft_prompt)
+                   .map_batches(drop_internal_columns, batch_format="pyarrow", batch_size=None))
     with without_operator_reservations():  # per-operator reservations would hold the engine pool to a share of the CPUs
         completions.write_parquet(data_uri)
     seconds_generating = time.perf_counter() - started

@@ -158,20 +158,12 @@ class RetrieveConfig(Strict):
 EngineKind = Literal[ENGINE_KINDS]
 
 
-class GenerateConfig(Strict):
-    """Batch generation over Ray Data: one row per completion, from a file of prompts."""
-    prompts: PathList = Field(description="Prompts (JSONL/Parquet), one per row.")
-    prompt_field: str = "prompt"
-    id_field: str = "id"
-    chat: bool = Field(False, description="Send each prompt as a user message through the model's chat template.")
-    system_prompt: Optional[str] = Field(None, description="chat: a system message before each prompt.")
+class EnginePoolConfig(Strict):
+    """The LLM and the Ray Data pool of engine actors that runs it (generate, synthesize, judge)."""
     model: str = Field(description="Hugging Face id or folder of a causal LM.")
     engine: EngineKind = "transformers"
     engine_options: dict[str, Any] = Field(default_factory=dict, description="Passed to the engine's constructor "
                                            "(transformers: dtype, device; vllm: max_model_len, dtype, ...).")
-    soft_prompt: Optional[str] = Field(None, description="A soft prompt placed before every prompt (PEFT "
-                                                         "prompt-tuning folder, .safetensors or .npy).")
-    sampling: SamplingParams = SamplingParams()
     batch_size: int = Field(8, gt=0, description="Prompts per engine call.")
     concurrency: Union[int, tuple[int, int], None] = Field(
         None, description="Engine actors: a number, or [min, max] to autoscale; null = [1, as many as fit].")
@@ -186,6 +178,224 @@ class GenerateConfig(Strict):
         if low < 1 or high < low:
             raise ValueError("expected a number >= 1, or [min, max] with 1 <= min <= max")
         return value
+
+
+class GenerateConfig(EnginePoolConfig):
+    """Batch generation over Ray Data: one row per completion, from a file of prompts."""
+    prompts: PathList = Field(description="Prompts (JSONL/Parquet), one per row.")
+    prompt_field: str = "prompt"
+    id_field: str = "id"
+    chat: bool = Field(False, description="Send each prompt as a user message through the model's chat template.")
+    system_prompt: Optional[str] = Field(None, description="chat: a system message before each prompt.")
+    soft_prompt: Optional[str] = Field(None, description="A soft prompt placed before every prompt (PEFT "
+                                                         "prompt-tuning folder, .safetensors or .npy).")
+    sampling: SamplingParams = SamplingParams()
+
+
+# ------------------------------------------------------------------------------------------- synthesis and judging
+def _sampling_overrides(value: dict, defaults: dict) -> SamplingParams:
+    try:
+        return SamplingParams.model_validate({**defaults, **value})
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ValueError(problems) from None
+
+
+class CraftConfig(Strict):
+    """CRAFT: each retrieved document, with few-shots sampled from the user's examples, becomes one task sample."""
+    documents: Optional[PathList] = Field(None, description="Documents to rewrite (JSONL/Parquet); null = this "
+                                                            "run's retrieve output.")
+    document_field: str = "text"
+    id_field: str = "id"
+    few_shots: Optional[PathList] = Field(None, description="The task's examples (CRAFT's Text/Instruction/Output "
+                                                            "JSONL); null = retrieve.few_shots.")
+    few_shot_fields: dict[Literal["text", "instruction", "output"], str] = Field(
+        default_factory=lambda: {"text": "Text", "instruction": "Instruction", "output": "Output"},
+        description="Where each part of a few-shot is: its corpus-like text, instruction and output.")
+    task: Literal["multiple_choice", "qa", "summarization"] = Field(
+        "multiple_choice", description="The task type: sets the JSON asked for and how samples are validated.")
+    shots_per_prompt: int = Field(3, gt=0, description="Few-shots sampled into each prompt (CRAFT: 3).")
+    num_options: int = Field(4, ge=2, le=8, description="multiple_choice: options per question (answer A, B, ...).")
+    max_document_chars: int = Field(4000, gt=0, description="A longer document (or few-shot text) is cut to this "
+                                                            "in the prompt.")
+    min_question_chars: int = Field(15, ge=1, description="multiple_choice and qa: shortest question kept.")
+    min_answer_chars: int = Field(1, ge=1, description="qa: shortest answer kept.")
+    min_source_chars: int = Field(200, ge=1, description="summarization: shortest source text kept.")
+    min_summary_chars: int = Field(40, ge=1, description="summarization: shortest summary kept (and it must be "
+                                                         "shorter than its source).")
+    summary_instruction: str = Field("Write a TLDR for the following text.", description="summarization: the "
+                                     "instruction written before each source text.")
+
+
+class TraitConfig(Strict):
+    """TRAIT: problems of different downstream tasks grouped by a shared entity or shared knowledge; one passage per
+    group (the problems, a paragraph solving each, an enlightenment paragraph on what they share)."""
+    examples: PathList = Field(description="Downstream-task problems (JSONL/Parquet), one per row.")
+    problem_field: str = "question"
+    answer_field: Optional[str] = Field("answer", description="Field with the reference answer; null = none.")
+    task_field: Optional[str] = Field("task", description="Field naming each problem's task (a passage mixes "
+                                                          "tasks); null = all one task.")
+    id_field: str = "id"
+    grouping: Literal["entity", "knowledge"] = Field(
+        "knowledge", description="entity: problems sharing entity_field's value; knowledge: embedding neighbours.")
+    entity_field: Optional[str] = Field(None, description="entity grouping: the field holding the shared entity.")
+    group_size: int = Field(3, ge=2, le=8, description="Problems per passage (at most).")
+    min_group_size: int = Field(2, ge=1, description="A group with fewer problems makes no passage.")
+    min_similarity: float = Field(0.3, ge=-1, le=1, description="knowledge: cosine similarity a problem needs to "
+                                                                "join a group.")
+    embedding_model: str = Field("all-MiniLM-L6-v2", description="knowledge grouping and documents: "
+                                                                 "sentence-transformers id or path.")
+    documents: Optional[PathList] = Field(None, description="Optional reference documents (e.g. retrieve's output): "
+                                                            "each group's prompt gets the closest one.")
+    document_field: str = "text"
+    max_document_chars: int = Field(2000, gt=0)
+    max_problem_chars: int = Field(2000, gt=0, description="A longer problem is cut to this in the prompt.")
+    min_solution_chars: int = Field(20, ge=1, description="Shortest solution paragraph kept.")
+    min_enlightenment_chars: int = Field(40, ge=1, description="Shortest enlightenment paragraph kept.")
+
+    @model_validator(mode="after")
+    def _entity_needs_a_field(self) -> "TraitConfig":
+        if self.grouping == "entity" and not self.entity_field:
+            raise ValueError("grouping entity needs entity_field (the field holding the shared entity)")
+        if self.min_group_size > self.group_size:
+            raise ValueError(f"min_group_size ({self.min_group_size}) is above group_size ({self.group_size})")
+        return self
+
+
+class DominoConfig(Strict):
+    """DOMINO: new inputs sampled from the domain soft prompt Z (nothing else in the prompt), optionally answered."""
+    soft_prompt: str = Field(description="The domain soft prompt: [m, hidden] .safetensors, .npy or PEFT folder.")
+    num_samples: int = Field(1000, gt=0, description="Inputs to sample (the authors: 40k-80k).")
+    prompt: str = Field("", description="Text after the soft prompt (empty: sample from p(x | Z) alone).")
+    min_input_chars: int = Field(20, ge=1, description="Shortest sampled input kept.")
+    respond: bool = Field(False, description="Let the same LLM write each kept input's output (SFT pairs).")
+    response_sampling: dict[str, Any] = Field(default_factory=dict, description="respond: sampling overrides "
+                                              "(default greedy, max_tokens 1024).")
+
+    @property
+    def effective_response_sampling(self) -> SamplingParams:
+        return _sampling_overrides(self.response_sampling, RESPONSE_SAMPLING)
+
+    @field_validator("response_sampling")
+    @classmethod
+    def _valid_response_sampling(cls, value: dict) -> dict:
+        _sampling_overrides(value, RESPONSE_SAMPLING)
+        return value
+
+
+METHOD_SAMPLING = {  # the papers' settings
+    "craft": {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "max_tokens": 1024},
+    "trait": {"temperature": 0.7, "top_p": 0.9, "max_tokens": 2048},
+    "domino": {"temperature": 0.8, "max_tokens": 1024},
+}
+RESPONSE_SAMPLING = {"temperature": 0.0, "max_tokens": 1024}
+
+
+class DiversityConfig(Strict):
+    """How reports measure the diversity of what is kept."""
+    sample: int = Field(2000, ge=0, description="Rows (at most) embedded for the diversity measures; 0 = off.")
+    model: str = Field("all-MiniLM-L6-v2", description="sentence-transformers id or path.")
+
+
+class SynthesizeConfig(EnginePoolConfig):
+    """The synthesis stage: one of the three methods, through the batch-generation engines."""
+    method: Literal["craft", "trait", "domino"]
+    template: Optional[str] = Field(None, description="A Jinja2 prompt template replacing the method's default "
+                                                      "(pipelines/templates/).")
+    system_prompt: Optional[str] = Field(None, description="craft/trait: a system message before each prompt.")
+    sampling: dict[str, Any] = Field(default_factory=dict, description="Overrides of the method's sampling defaults "
+                                     "(craft: T 0.7, top_p 0.9, top_k 40; trait: T 0.7, top_p 0.9; domino: T 0.8).")
+    structured_output: bool = Field(True, description="craft/trait: constrain the output to the JSON schema "
+                                                      "(vLLM structured outputs / xgrammar); false = ask in words.")
+    max_field_chars: Optional[int] = Field(None, gt=0, description="craft/trait: longest string field in the JSON "
+                                                                   "(maxLength); null = unbounded.")
+    references: Optional[PathList] = Field(None, description="Reference samples the report measures closeness to "
+                                           "(JSONL); null = craft's few-shots or trait's examples.")
+    reference_fields: Optional[list[str]] = Field(None, description="Fields of a reference joined into its text; "
+                                                  "null = craft: the few-shots' instruction and output, else 'text'.")
+    craft: Optional[CraftConfig] = None
+    trait: Optional[TraitConfig] = None
+    domino: Optional[DominoConfig] = None
+    diversity: DiversityConfig = DiversityConfig()
+
+    @field_validator("sampling")
+    @classmethod
+    def _sampling_is_valid(cls, value: dict) -> dict:
+        _sampling_overrides(value, {})
+        return value
+
+    @model_validator(mode="after")
+    def _method_section(self) -> "SynthesizeConfig":
+        if self.method == "craft" and self.craft is None:
+            self.craft = CraftConfig()
+        if self.method == "trait" and self.trait is None:
+            raise ValueError("method trait needs a trait section (at least trait.examples)")
+        if self.method == "domino" and self.domino is None:
+            raise ValueError("method domino needs a domino section (at least domino.soft_prompt)")
+        return self
+
+    @property
+    def effective_sampling(self) -> SamplingParams:
+        return _sampling_overrides(self.sampling, METHOD_SAMPLING[self.method])
+
+
+RATINGS = ("very poor", "poor", "average", "good", "excellent")  # DOMINO's five levels, worst first
+
+
+class JudgeConfig(EnginePoolConfig):
+    """The LLM judge: each sample rated on DOMINO's five levels with a structured answer at temperature 0."""
+    input: Optional[PathList] = Field(None, description="Samples to judge (JSONL/Parquet); null = this run's qc "
+                                                        "output, else its synthesize output.")
+    text_field: str = Field("text", description="The field the judge reads.")
+    id_field: str = "id"
+    template: Optional[str] = Field(None, description="A Jinja2 judge template replacing the default.")
+    system_prompt: Optional[str] = None
+    threshold: Literal[RATINGS] = Field("excellent", description="Keep samples rated at least this.")
+    max_tokens: int = Field(32, gt=0, description="Tokens for the rating's JSON.")
+    max_sample_chars: int = Field(6000, gt=0, description="A longer sample is cut to this in the prompt.")
+    references: Optional[PathList] = Field(None, description="References for the diversity report; null = "
+                                                             "synthesize's.")
+    reference_fields: Optional[list[str]] = Field(None, description="Fields of a reference joined into its text; "
+                                                  "null = as for synthesize.")
+    diversity: DiversityConfig = DiversityConfig()
+
+
+class NearDedupConfig(Strict):
+    """MinHash/LSH near-duplicate detection on word shingles."""
+    enabled: bool = True
+    threshold: float = Field(0.85, gt=0, le=1, description="Jaccard similarity of shingle sets at or above which two "
+                                                           "texts are near-duplicates (CRAFT: 85%).")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
+    shingle_words: int = Field(3, ge=1, le=10, description="Words per shingle.")
+    seed: int = 1
+
+
+class DecontaminateConfig(Strict):
+    """Drop samples sharing an n-gram with an evaluation item (GPT-3 / Llama style decontamination)."""
+    eval_files: PathList = Field(description="Evaluation sets (JSONL/Parquet) that must not leak into training data.")
+    eval_fields: Optional[list[str]] = Field(None, description="Fields of an eval row whose text is checked; null = "
+                                             "every string field.")
+    ngram: int = Field(13, ge=3, le=50, description="Words per n-gram (13: GPT-3's choice).")
+
+
+class QcConfig(Strict):
+    """Quality control: exact and near-duplicates (within the set and against references), decontamination against
+    evaluation sets, similarity to references; every removal counted by reason."""
+    input: Optional[PathList] = Field(None, description="Samples to check (JSONL/Parquet); null = this run's "
+                                                        "synthesize output.")
+    text_field: str = "text"
+    id_field: str = "id"
+    exact_dedup: bool = True
+    near_dedup: NearDedupConfig = NearDedupConfig()
+    references: Optional[PathList] = Field(None, description="Reference samples (e.g. the few-shots): samples that "
+                                           "near-duplicate one are dropped; null = synthesize's references.")
+    reference_fields: Optional[list[str]] = Field(None, description="Fields of a reference joined into its text; "
+                                                  "null = as for synthesize.")
+    decontaminate: Optional[DecontaminateConfig] = None
+    max_reference_similarity: Optional[float] = Field(None, gt=0, le=1, description="Drop samples whose embedding "
+                                                      "cosine to the closest reference is at least this; null = off.")
+    batch_size: int = Field(1024, gt=0, description="Rows per hashing batch.")
+    diversity: DiversityConfig = DiversityConfig()
 
 
 class AutoscalingConfig(Strict):
@@ -249,6 +459,9 @@ class Recipe(Strict):
     index: Optional[IndexConfig] = None
     retrieve: Optional[RetrieveConfig] = None
     generate: Optional[GenerateConfig] = None
+    synthesize: Optional[SynthesizeConfig] = None
+    qc: Optional[QcConfig] = None
+    judge: Optional[JudgeConfig] = None
     serve: Optional[ServeConfig] = None
 
     @model_validator(mode="after")
@@ -258,6 +471,20 @@ class Recipe(Strict):
                              "select's output)")
         if self.run_dir is None and any(getattr(self, s) is not None for s in STAGE_ORDER):
             raise ValueError("run_dir: required when the recipe has a stage")
+        craft = self.synthesize.craft if self.synthesize and self.synthesize.method == "craft" else None
+        if craft is not None:
+            if craft.documents is None and self.retrieve is None:
+                raise ValueError("synthesize.craft.documents: required unless the recipe has a retrieve section "
+                                 "(then craft rewrites retrieve's output)")
+            if craft.few_shots is None:
+                if self.retrieve is None:
+                    raise ValueError("synthesize.craft.few_shots: required unless the recipe has a retrieve section "
+                                     "(then retrieve.few_shots are used)")
+                craft.few_shots = list(self.retrieve.few_shots)
+        if self.qc is not None and self.qc.input is None and self.synthesize is None:
+            raise ValueError("qc.input: required unless the recipe has a synthesize section")
+        if self.judge is not None and self.judge.input is None and self.synthesize is None and self.qc is None:
+            raise ValueError("judge.input: required unless the recipe has a synthesize or qc section")
         return self
 
     def stage_fingerprint(self, stage: str) -> str:
@@ -268,12 +495,18 @@ class Recipe(Strict):
         return hashlib.sha256(json.dumps(configs if upstream else configs[0], sort_keys=True).encode()).hexdigest()[:16]
 
 
-STAGE_ORDER = ("select", "embed", "index", "retrieve", "generate")
+# qc before judge: dropping duplicates is cheap, a judgment is an LLM call per row.
+STAGE_ORDER = ("select", "embed", "index", "retrieve", "generate", "synthesize", "qc", "judge")
 _INPUT_PATH_FIELDS = {"select": ("in_domain", "corpus", "negatives", "classifier"), "embed": ("corpus",),
-                      "retrieve": ("few_shots", "index"), "generate": ("prompts", "soft_prompt")}
+                      "retrieve": ("few_shots", "index"), "generate": ("prompts", "soft_prompt"),
+                      "synthesize": ("template", "references"), "synthesize.craft": ("documents", "few_shots"),
+                      "synthesize.trait": ("examples", "documents"), "synthesize.domino": ("soft_prompt",),
+                      "qc": ("input", "references"), "qc.decontaminate": ("eval_files",),
+                      "judge": ("input", "template", "references")}
 # Fields that name a model: a Hugging Face id, or a folder (resolved like a path when it exists there or starts
 # with ./, ../ or ~).
-_MODEL_FIELDS = {"embed": "model", "generate": "model", "serve": "model"}
+_MODEL_FIELDS = {"embed": "model", "generate": "model", "serve": "model", "synthesize": "model", "judge": "model",
+                 "synthesize.trait": "embedding_model", "qc.diversity": "model", "judge.diversity": "model"}
 
 
 def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> dict:
@@ -299,7 +532,7 @@ def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> d
 
 def _resolve_relative(raw: dict, base_dir: str) -> dict:
     for stage, fields in _INPUT_PATH_FIELDS.items():
-        section = raw.get(stage)
+        section = _section(raw, stage)
         if not isinstance(section, dict):
             continue
         for name in fields:
@@ -309,7 +542,7 @@ def _resolve_relative(raw: dict, base_dir: str) -> dict:
             elif isinstance(value, list):
                 section[name] = [_absolute(v, base_dir) if isinstance(v, str) else v for v in value]
     for stage, name in _MODEL_FIELDS.items():
-        section = raw.get(stage)
+        section = _section(raw, stage)
         if isinstance(section, dict) and isinstance(section.get(name), str):
             local = _absolute(section[name], base_dir)
             if section[name].startswith(("./", "../", "~")) or os.path.exists(local):
@@ -319,6 +552,14 @@ def _resolve_relative(raw: dict, base_dir: str) -> dict:
         serve["soft_prompts"] = {k: _absolute(v, base_dir) if isinstance(v, str) else v
                                  for k, v in serve["soft_prompts"].items()}
     return raw
+
+
+def _section(raw: dict, dotted: str):
+    """``raw["a"]["b"]`` for ``"a.b"``; None when a part is missing or not a mapping."""
+    node = raw
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def _absolute(path: str, base_dir: str) -> str:

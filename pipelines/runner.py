@@ -9,11 +9,26 @@ from .rundir import StageDir
 from .embed import run_embed
 from .generate import run_generate
 from .index import run_index
+from .judge import prepare as check_judge, run_judge
+from .qc import check_qc, run_qc
+from .references import References
 from .retrieve import load_few_shots, run_retrieve
 from .select import run_select
+from .synthesize import check_synthesize, default_references, run_synthesize
 
 STAGES: dict[str, Callable] = {"select": run_select, "embed": run_embed, "index": run_index, "retrieve": run_retrieve,
-                               "generate": run_generate}
+                               "generate": run_generate, "synthesize": run_synthesize, "qc": run_qc,
+                               "judge": run_judge}
+
+
+def upstream_context(recipe: Recipe, name: str) -> dict:
+    """What qc and judge read when the recipe names no input (the stage before them in this run) and the references
+    they compare with when it names none (synthesize's)."""
+    if name not in ("qc", "judge"):
+        return {}
+    before = "qc" if name == "judge" and recipe.qc is not None else "synthesize"
+    references = default_references(recipe.synthesize) if recipe.synthesize is not None else None
+    return {"upstream": f"{recipe.run_dir.rstrip('/')}/{before}/data", "references": references}
 
 
 def preflight(recipe: Recipe) -> None:
@@ -40,10 +55,32 @@ def preflight(recipe: Recipe) -> None:
         _check_inputs("generate.prompts", recipe.generate.prompts)
         if recipe.generate.soft_prompt:
             _check_soft_prompt("generate.soft_prompt", recipe.generate.soft_prompt)
+    if recipe.synthesize is not None:
+        _check_model("synthesize.model", recipe.synthesize.model)
+        craft = recipe.synthesize.craft if recipe.synthesize.method == "craft" else None
+        if craft is not None and recipe.retrieve is None:  # with retrieve, this run writes the documents
+            _check_inputs("synthesize.craft.documents", craft.documents)
+        check_synthesize(recipe.synthesize)
+    if recipe.qc is not None:
+        if recipe.qc.input is not None:
+            _check_inputs("qc.input", recipe.qc.input)
+        check_qc(recipe.qc, _references(recipe, "qc"))
+    if recipe.judge is not None:
+        _check_model("judge.model", recipe.judge.model)
+        if recipe.judge.input is not None:
+            _check_inputs("judge.input", recipe.judge.input)
+        check_judge(recipe.judge)
     if recipe.serve is not None:
         _check_model("serve.model", recipe.serve.model)
         for name, path in recipe.serve.soft_prompts.items():
             _check_soft_prompt(f"serve.soft_prompts.{name}", path)
+
+
+def _references(recipe: Recipe, name: str) -> References | None:
+    cfg = getattr(recipe, name)
+    if cfg.references:
+        return References(cfg.references, cfg.reference_fields)
+    return upstream_context(recipe, name).get("references")
 
 
 def _check_model(field: str, model: str) -> None:
@@ -90,6 +127,6 @@ def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print) -> dict[str,
         # Anything left by an interrupted attempt is removed: the stage is redone, never appended to.
         stage.clear()
         echo(f"[{name}] running -> {stage.uri}")
-        reports[name] = STAGES[name](config, stage)
+        reports[name] = STAGES[name](config, stage, **upstream_context(recipe, name))
         stage.mark_complete(fingerprint)
     return reports

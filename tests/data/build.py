@@ -58,3 +58,21 @@ for task in ("bioqa", "medqa"):
     (here / f"craft_{task}_fewshot.jsonl").write_bytes(few_shots)
 (examples / "craft_bioqa_fewshot.jsonl").write_bytes((here / "craft_bioqa_fewshot.jsonl").read_bytes())
 print(len(abstracts), "abstracts,", len(pool), "pool docs,", len(corpus), "quickstart corpus docs")
+
+# TRAIT's knowledge-centred case (math): word problems of two tasks, GSM8K and MMLU elementary mathematics.
+gsm8k = [json.loads(line) for line in open(shared / "gsm8k" / "train.jsonl")][:12]
+mmlu_math = list(csv.reader(open(shared / "mmlu" / "test" / "elementary_mathematics_test.csv", newline="")))[:12]
+math_problems = [{"id": f"gsm8k-train-{i}", "task": "gsm8k", "question": r["question"],
+                  "answer": r["answer"].split("####")[-1].strip()} for i, r in enumerate(gsm8k)]
+math_problems += [{"id": f"mmlu-elementary-math-{i}", "task": "mmlu",
+                   "question": q + "\n" + "\n".join(f"{x}. {o}" for x, o in zip("ABCD", opts)), "answer": a}
+                  for i, (q, *opts, a) in enumerate(mmlu_math)]
+with open(here / "math_problems.jsonl", "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in math_problems)
+# CRAFT's CommonsenseQA few-shots: two options (Yes/No), the wrong shape for a four-option task.
+(here / "craft_csqa_fewshot.jsonl").write_text((shared / "craft_fewshot" / "csqa.corpus-task-32.jsonl").read_text())
+# The quickstart's evaluation set for decontamination: MMLU college biology test questions (CRAFT's BioQA evaluation).
+bio = list(csv.reader(open(shared / "mmlu" / "test" / "college_biology_test.csv", newline="")))
+with open(examples / "eval_bioqa.jsonl", "w", encoding="utf-8") as f:
+    f.writelines(json.dumps({"id": f"mmlu-college-biology-{i}", "question": q, "choices": opts, "answer": a},
+                            ensure_ascii=False) + "\n" for i, (q, *opts, a) in enumerate(bio))

@@ -1,0 +1,168 @@
+"""The LLM judge (DOMINO's post-processing): the LLM rates each sample on five levels — very poor, poor, average,
+good, excellent — answering with JSON held to an enum at temperature 0; samples rated at least ``threshold``
+(default: excellent, as the authors kept) are kept. Every row, kept or dropped, carries ``judge_rating`` and
+``judge_score`` (1-5); an answer that cannot be read is dropped as ``unrated``."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow as pa
+
+from ..actors.engines import SamplingParams
+from .corpus import READ_TASK_CPUS, CorpusSpec, read_corpus, without_operator_reservations
+from .diversity import diversity_markdown, measure_diversity, nearest_reference_png
+from .generate import EnginePool
+from .outcomes import DROP_DETAIL, DROP_REASON, acceptance_rate, outcome_rows, sample_column, write_outcomes
+from .prompts import PromptTemplate, check_renders, load_template
+from .recipe import RATINGS, JudgeConfig
+from .references import References, load_reference_texts
+from .report import markdown_table, write_report
+from .rundir import QUARANTINE_PARTS, StageDir, gather_quarantine
+
+TEMPLATE_VARIABLES, REQUIRED_VARIABLES = {"sample", "row"}, {"sample"}
+RATING_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["rating"],
+                 "properties": {"rating": {"type": "string", "enum": list(RATINGS)}}}
+PROMPT = "_prompt"
+
+
+def judge_params(cfg: JudgeConfig) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=cfg.max_tokens, json_schema=RATING_SCHEMA)
+
+
+def prepare(cfg: JudgeConfig) -> PromptTemplate:
+    template = load_template(cfg.template, "judge", "judge.template", TEMPLATE_VARIABLES, REQUIRED_VARIABLES)
+    check_renders(template, "judge.template", sample="A sample.", row={cfg.text_field: "A sample."})
+    return template
+
+
+def read_rating(completion: str) -> str | None:
+    try:
+        answer = json.loads(completion)
+    except json.JSONDecodeError:
+        return None
+    rating = answer.get("rating") if isinstance(answer, dict) else None
+    return rating if rating in RATINGS else None
+
+
+class JudgePrompts:
+    """Ray Data batch function: each sample row gains the prompt that asks for its rating."""
+
+    def __init__(self, template: PromptTemplate, cfg: JudgeConfig):
+        self.template, self.field, self.max_chars = template, cfg.text_field, cfg.max_sample_chars
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        prompts = [self.template.render(sample=r[self.field][:self.max_chars],
+                                        row={k: v for k, v in r.items() if not k.startswith("_")}) for r in rows]
+        return batch.append_column(PROMPT, pa.array(prompts, pa.string()))
+
+
+class ApplyThreshold:
+    """Ray Data batch function: the rating on every row; rows below the threshold (or unrated) get a drop reason."""
+
+    def __init__(self, threshold: str):
+        self.threshold = RATINGS.index(threshold)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ratings = [read_rating(c) for c in batch.column("completion").to_pylist()]
+        finish = batch.column("finish_reason").to_pylist()
+        reasons, details = [], []
+        for rating, completion, why in zip(ratings, batch.column("completion").to_pylist(), finish):
+            if rating is None:
+                cut = " (cut off at max_tokens)" if why == "length" else ""
+                reasons.append("unrated")
+                details.append(f"no rating in the judge's answer{cut}: {completion[:80]!r}")
+            elif RATINGS.index(rating) < self.threshold:
+                reasons.append("below_threshold")
+                details.append(f"rated {rating}, below {RATINGS[self.threshold]}")
+            else:
+                reasons.append(None)
+                details.append(None)
+        drop = [PROMPT, "choice", "completion", "finish_reason", "prompt_tokens", "completion_tokens"]
+        batch = batch.drop_columns([c for c in drop if c in batch.column_names])
+        columns = {"judge_rating": pa.array(ratings, pa.string()),
+                   "judge_score": pa.array([None if r is None else RATINGS.index(r) + 1 for r in ratings], pa.int8()),
+                   DROP_REASON: pa.array(reasons, pa.string()), DROP_DETAIL: pa.array(details, pa.string())}
+        for name, values in columns.items():
+            if name in batch.column_names:  # samples judged before: the new rating replaces the old
+                batch = batch.drop_columns([name])
+            batch = batch.append_column(name, values)
+        return batch
+
+
+def run_judge(cfg: JudgeConfig, stage: StageDir, upstream: str | None = None,
+              references: References | None = None) -> dict:
+    started = time.perf_counter()
+    template = prepare(cfg)
+    pool = EnginePool.plan(cfg, "judge")
+    parts = stage.child(QUARANTINE_PARTS)
+    spec = CorpusSpec(cfg.input or [upstream], cfg.text_field, cfg.id_field)
+    rows = read_corpus(spec, num_cpus=READ_TASK_CPUS, quarantine_dir=parts, rows_per_block=pool.rows_per_block) \
+        .map_batches(JudgePrompts(template, cfg), batch_format="pyarrow", batch_size=None, num_cpus=READ_TASK_CPUS)
+    judged = pool.generate(rows, judge_params(cfg), PROMPT, parts, "judge", chat=True,
+                           system_prompt=cfg.system_prompt) \
+        .map_batches(ApplyThreshold(cfg.threshold), batch_format="pyarrow")
+    with without_operator_reservations():
+        judged = judged.materialize()
+        kept, dropped = write_outcomes(judged, stage)
+    judging = time.perf_counter() - started
+    quarantined = gather_quarantine(stage, "samples")
+    rows_in = kept + sum(dropped.values()) + len(quarantined)
+    ratings = _rating_counts(stage)
+    refs = References(cfg.references, cfg.reference_fields) if cfg.references else references
+    reference_texts = load_reference_texts(refs, "judge.references") if refs else None
+    diversity = measure_diversity(sample_column(stage.child("data"), cfg.text_field, cfg.diversity.sample),
+                                  reference_texts, cfg.diversity)
+    report = {
+        "stage": "judge", "rows_in": rows_in, "rows_out": kept, "rows_quarantined": len(quarantined),
+        "rows_filtered": {"below_threshold": dropped.get("below_threshold", 0), "unrated": dropped.get("unrated", 0)},
+        "acceptance_rate": acceptance_rate(kept, rows_in), "threshold": cfg.threshold, "ratings": ratings,
+        "model": cfg.model, "engine": cfg.engine, "diversity": diversity,
+        "samples_per_second": round(rows_in / max(judging, 1e-9), 2), "seconds": round(time.perf_counter() - started, 3),
+        "outputs": {"data": stage.child("data"), "dropped": stage.child("dropped"),
+                    "quarantine": stage.child("quarantine.jsonl")},
+    }
+    stage.write_bytes("ratings.png", ratings_png(ratings, cfg.threshold))
+    figures = ["![ratings](ratings.png)"]
+    if diversity and diversity.get("nearest_reference"):
+        stage.write_bytes("nearest_reference.png", nearest_reference_png(diversity["nearest_reference"]["values"]))
+        figures.append("![similarity to the closest reference](nearest_reference.png)")
+    write_report(stage, report, "\n".join([
+        "# judge — LLM ratings", "", markdown_table(outcome_rows(report) + [
+            ("threshold", cfg.threshold),
+            ("ratings", ", ".join(f"{k}: {v:,}" for k, v in ratings.items())),
+            ("model", f"{cfg.model} ({cfg.engine})"), ("samples / second", report["samples_per_second"]),
+            ("seconds", report["seconds"])]), "",
+        diversity_markdown(diversity) if diversity else "", "", *figures, ""]))
+    return report
+
+
+def _rating_counts(stage: StageDir) -> dict[str, int]:
+    counts = {r: 0 for r in (*RATINGS, None)}
+    for folder in ("data", "dropped"):
+        for rating in sample_column(stage.child(folder), "judge_rating", 10**9):
+            counts[rating] += 1
+    return {("unrated" if k is None else k): v for k, v in counts.items()}
+
+
+def ratings_png(ratings: dict[str, int], threshold: str) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(ratings)
+    kept = [n in RATINGS and RATINGS.index(n) >= RATINGS.index(threshold) for n in names]
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    ax.bar(names, [ratings[n] for n in names], color=["tab:green" if k else "tab:gray" for k in kept])
+    ax.set_ylabel("samples")
+    ax.set_title(f"judge ratings (kept: {threshold} and above, in green)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()

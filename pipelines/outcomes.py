@@ -1,0 +1,71 @@
+"""Kept and dropped rows of a filtering stage (synthesize, judge): every row carries ``drop_reason`` (null when it
+is kept) and ``drop_detail``; kept rows go to ``<stage>/data/``, dropped ones, with their reason, to
+``<stage>/dropped/``, so that users can see why each row was kept or dropped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+from ray.data import Dataset
+
+from .corpus import drop_internal_columns
+from .rundir import StageDir, count_parquet_rows
+
+DROP_REASON, DROP_DETAIL = "drop_reason", "drop_detail"
+
+
+def _kept(batch: pa.Table) -> pa.Table:
+    return drop_internal_columns(batch.filter(pc.is_null(batch.column(DROP_REASON)))).drop_columns(
+        [DROP_REASON, DROP_DETAIL])
+
+
+def _dropped(batch: pa.Table) -> pa.Table:
+    return drop_internal_columns(batch.filter(pc.is_valid(batch.column(DROP_REASON))))
+
+
+def write_outcomes(rows: Dataset, stage: StageDir) -> tuple[int, dict[str, int]]:
+    """Write ``rows`` (already computed: pass a materialized dataset) split into data/ and dropped/; returns the
+    number kept and the number dropped by reason."""
+    rows.map_batches(_kept, batch_format="pyarrow", batch_size=None).write_parquet(stage.child("data"))
+    rows.map_batches(_dropped, batch_format="pyarrow", batch_size=None).write_parquet(stage.child("dropped"))
+    return count_parquet_rows(stage.child("data")), dropped_by_reason(stage.child("dropped"))
+
+
+def dropped_by_reason(uri: str) -> dict[str, int]:
+    fs, path = StageDir(uri).fs_path
+    try:
+        reasons = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=[DROP_REASON])
+    except (FileNotFoundError, KeyError, pa.ArrowInvalid):
+        return {}
+    values, counts = np.unique(reasons.column(DROP_REASON).to_numpy(zero_copy_only=False), return_counts=True)
+    return {str(v): int(c) for v, c in zip(values, counts)}
+
+
+def sample_column(uri: str, column: str, n: int, seed: int = 0) -> list:
+    """Up to ``n`` values of ``column`` from a Parquet folder, a seeded random sample (read in one process: for
+    report measures on a few thousand rows)."""
+    fs, path = StageDir(uri).fs_path
+    try:
+        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+        total = dataset.count_rows()
+    except (FileNotFoundError, pa.ArrowInvalid):
+        return []
+    if not total or not n:
+        return []
+    picks = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
+    return dataset.take(pa.array(picks), columns=[column]).column(column).to_pylist()
+
+
+def outcome_rows(report: dict) -> list[tuple[str, object]]:
+    """Markdown table rows: in, kept, dropped by reason, quarantined, acceptance rate."""
+    rows = [("rows in", f"{report['rows_in']:,}"), ("kept", f"{report['rows_out']:,}")]
+    rows += [(f"dropped: {reason}", f"{count:,}") for reason, count in sorted(report["rows_filtered"].items())]
+    rows += [("quarantined (see quarantine.jsonl)", f"{report['rows_quarantined']:,}"),
+             ("acceptance rate", f"{report['acceptance_rate']:.1%}")]
+    return rows
+
+
+def acceptance_rate(kept: int, rows_in: int) -> float:
+    return round(kept / rows_in, 4) if rows_in else 0.0
