@@ -309,7 +309,7 @@ def run_qc(cfg: QcConfig, stage: StageDir, upstream: str | None = None,
     if not inputs.paths:
         raise QcError("qc.input: no samples to check (name qc.input, or run synthesize before qc)")
     try:
-        expand_inputs(inputs.paths, SUPPORTED_SUFFIXES)
+        _, files = expand_inputs(inputs.paths, SUPPORTED_SUFFIXES)
     except (FileNotFoundError, ValueError) as e:
         raise QcError(f"qc.input: {e}") from None
     spec = CorpusSpec(inputs.paths, cfg.text_field, cfg.id_field)
@@ -319,11 +319,15 @@ def run_qc(cfg: QcConfig, stage: StageDir, upstream: str | None = None,
     _, cut_blocks = reading_cpus(cpus)
     phases: dict[str, float] = {}
 
-    # pass 1: hashing, on the cluster; compact columns back
+    # pass 1: hashing, on the cluster; compact columns back. With as many files as CPUs or more, each file is read
+    # and hashed in one task (no block crosses the object store); with fewer, reads are cut into blocks of
+    # batch_size rows that hashing tasks share out.
     shared = ray.put(_shared_tables(cfg, inputs))
+    cut = cut_blocks and len(files) < cpus
     with without_operator_reservations():
-        facts = _collect(read_corpus(spec, num_cpus=READ_TASK_CPUS, quarantine_dir=stage.child(QUARANTINE_PARTS),
-                                     rows_per_block=cfg.batch_size if cut_blocks else None)
+        facts = _collect(read_corpus(spec, num_cpus=READ_TASK_CPUS if cut else None,
+                                     quarantine_dir=stage.child(QUARANTINE_PARTS),
+                                     rows_per_block=cfg.batch_size if cut else None)
                          .map_batches(HashRows(cfg, bands, rows_per_band, shared), batch_size=cfg.batch_size,
                                       batch_format="pyarrow"))
     quarantine = gather_quarantine(stage, "samples")
@@ -348,37 +352,12 @@ def run_qc(cfg: QcConfig, stage: StageDir, upstream: str | None = None,
         t = time.perf_counter()
         alive = decisions.alive()
         similarity, nearest = _reference_similarity(cfg, spec, order, alive, inputs.reference_texts, cpus, cut_blocks)
-        close = alive[similarity >= cfg.max_reference_similarity]
-        decisions.drop(close, "similar_to_reference", nearest[similarity >= cfg.max_reference_similarity],
-                       similarity[similarity >= cfg.max_reference_similarity])
+        close = similarity >= cfg.max_reference_similarity
+        decisions.drop(alive[close], "similar_to_reference", nearest[close], similarity[close])
         phases["reference_similarity"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if n and cfg.exact_dedup:
-        dup, keeper = exact_duplicates(facts.column(EXACT).to_numpy(), decisions.alive())
-        decisions.drop(dup, "exact_duplicate", keeper)
-    near_stats = {"candidate_pairs": 0, "verified_pairs": 0, "clusters": 0}
-    candidates, pairs = np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
-    if n and near.enabled:
-        alive = decisions.alive()
-        keys = facts.column(BANDS).combine_chunks().flatten().to_numpy().reshape(-1, bands)[alive]
-        local = candidate_pairs(keys)
-        pairs = alive[local]
-        candidates = np.unique(pairs)
-        near_stats["candidate_pairs"] = len(pairs)
-    # ids of the rows a detail names, and signatures of the candidates: read back, only those rows
-    named = np.union1d(candidates, decisions.partner[decisions.reason == REASONS.index("exact_duplicate") + 1])
-    ids, signatures = _read_back_named(cfg, spec, order, named.astype(np.int64))
-    if len(pairs):
-        slot = np.searchsorted(named, pairs)
-        estimates = _pair_estimates(signatures, slot)
-        near_stats["verified_pairs"] = int((estimates >= near.threshold).sum())
-        cand_slot = np.searchsorted(named, candidates)
-        local_pairs = np.searchsorted(candidates, pairs)
-        dropped, kept_from, near_stats["clusters"] = near_duplicate_clusters(local_pairs, estimates, near.threshold,
-                                                                            len(candidates))
-        jaccard = minhash.estimated_jaccard(signatures[cand_slot[dropped]], signatures[cand_slot[kept_from]])
-        decisions.drop(candidates[dropped], "near_duplicate", candidates[kept_from], jaccard)
+    named, ids, near_stats = _deduplicate(cfg, spec, order, facts, decisions, bands)
     phases["deduplication"] = time.perf_counter() - t
 
     # writing: kept rows, and dropped rows with their reason and detail, read back from the input
@@ -435,6 +414,39 @@ def run_qc(cfg: QcConfig, stage: StageDir, upstream: str | None = None,
         figures.append("![similarity to the closest reference](nearest_reference.png)")
     write_report(stage, report, render_markdown(report, figures))
     return report
+
+
+def _deduplicate(cfg: QcConfig, spec: CorpusSpec, order: np.ndarray, facts: pa.Table | None, decisions: Decisions,
+                 bands: int) -> tuple[np.ndarray, list[str], dict]:
+    """Exact, then near-duplicates among the rows still in. Returns the rows a detail names (ascending), their ids,
+    and the near-duplicate counts."""
+    near = cfg.near_dedup
+    stats = {"candidate_pairs": 0, "verified_pairs": 0, "clusters": 0}
+    if facts is None:
+        return np.zeros(0, np.int64), [], stats
+    if cfg.exact_dedup:
+        dup, keeper = exact_duplicates(facts.column(EXACT).to_numpy(), decisions.alive())
+        decisions.drop(dup, "exact_duplicate", keeper)
+    pairs = np.zeros((0, 2), np.int64)
+    if near.enabled:
+        alive = decisions.alive()
+        keys = facts.column(BANDS).combine_chunks().flatten().to_numpy().reshape(-1, bands)[alive]
+        pairs = alive[candidate_pairs(keys)]
+        stats["candidate_pairs"] = len(pairs)
+    candidates = np.unique(pairs)
+    # the rows a detail names and the candidates (whose signatures verify the pairs): read back, only those rows
+    exact_keepers = decisions.partner[decisions.reason == REASONS.index("exact_duplicate") + 1]
+    named = np.union1d(candidates, exact_keepers).astype(np.int64)
+    ids, signatures = _read_back_named(cfg, spec, order, named)
+    if len(pairs):
+        estimates = _pair_estimates(signatures, np.searchsorted(named, pairs))
+        stats["verified_pairs"] = int((estimates >= near.threshold).sum())
+        dropped, kept_from, stats["clusters"] = near_duplicate_clusters(
+            np.searchsorted(candidates, pairs), estimates, near.threshold, len(candidates))
+        slot = np.searchsorted(named, candidates)
+        jaccard = minhash.estimated_jaccard(signatures[slot[dropped]], signatures[slot[kept_from]])
+        decisions.drop(candidates[dropped], "near_duplicate", candidates[kept_from], jaccard)
+    return named, ids, stats
 
 
 def _reference_similarity(cfg: QcConfig, spec: CorpusSpec, order: np.ndarray, rows: np.ndarray,
