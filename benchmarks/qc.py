@@ -33,6 +33,7 @@ import gzip
 import json
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -87,7 +88,8 @@ from domainsynth.pipelines.recipe import QcConfig
 from domainsynth.pipelines.rundir import StageDir
 ray.init(num_cpus=int(sys.argv[3]), include_dashboard=False, log_to_driver=False)
 cfg = QcConfig.model_validate({"input": [sys.argv[1]], "diversity": {"sample": 0},
-                               "near_dedup": {"threshold": %r, "num_perm": %r, "shingle_words": %r}})
+                               "near_dedup": {"threshold": %r, "num_perm": %r, "shingle_words": %r,
+                                              "false_negative_weight": float(sys.argv[4])}})
 started = time.perf_counter()
 report = run_qc(cfg, StageDir(sys.argv[2]))
 print(json.dumps({"seconds": time.perf_counter() - started, "report": report}))
@@ -98,7 +100,8 @@ import glob, json, os, sys, time
 from datasketch import MinHash, MinHashLSH
 from domainsynth.actors.minhash import normalised_words
 started = time.perf_counter()
-lsh = MinHashLSH(threshold=%r, num_perm=%r)
+w = float(sys.argv[2])
+lsh = MinHashLSH(threshold=%r, num_perm=%r, weights=(1 - w, w))
 sketches, removed, n = {}, {}, 0
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.jsonl"))):
     rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
@@ -149,6 +152,8 @@ def main() -> None:
     parser.add_argument("--exact", type=int, default=1_000, help="planted exact copies")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray")
     parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--false-negative-weight", type=float, default=0.5,
+                        help="LSH bands and rows for both sides (datasketch's weights=(1 - w, w))")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
 
@@ -168,7 +173,9 @@ def main() -> None:
         print(f"planted near copies: true Jaccard min {near_j[0]:.3f} / median {near_j[len(near_j) // 2]:.3f}; "
               f"{above:.1%} at or above the threshold {THRESHOLD}")
 
-    ours_s, ours_peak, out = timed([sys.executable, "-c", OURS, str(corpus), str(work / "qc"), str(args.num_cpus)])
+    shutil.rmtree(work / "qc", ignore_errors=True)  # a stage writes into an empty folder (the runner clears it)
+    ours_s, ours_peak, out = timed([sys.executable, "-c", OURS, str(corpus), str(work / "qc"), str(args.num_cpus),
+                                    str(args.false_negative_weight)])
     ours = json.loads(out.strip().splitlines()[-1])
     report = ours["report"]
     assert report["rows_in"] == args.docs, report["rows_in"]
@@ -184,7 +191,7 @@ def main() -> None:
           f" exact; {near['candidate_pairs']:,} candidate pairs, {near['verified_pairs']:,} verified, "
           f"{near['clusters']:,} clusters")
 
-    base_s, base_peak, out = timed([sys.executable, "-c", BASELINE, str(corpus)])
+    base_s, base_peak, out = timed([sys.executable, "-c", BASELINE, str(corpus), str(args.false_negative_weight)])
     base = json.loads(out.strip().splitlines()[-1])
     assert base["rows"] == args.docs
     print(f"baseline (datasketch MinHash + MinHashLSH, 1 process; LSH {base['bands']} bands x {base['rows_per_band']}"

@@ -368,6 +368,10 @@ class NearDedupConfig(Strict):
     num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
     shingle_words: int = Field(3, ge=1, le=10, description="Words per shingle.")
     seed: int = 1
+    false_negative_weight: float = Field(
+        0.5, gt=0, lt=1, description="LSH bands and rows minimise this x the missed pairs above the threshold + "
+        "(1 - this) x the candidate pairs below it (0.5: datasketch's choice). Candidates are verified, so a higher "
+        "value finds more near-duplicates at the cost of verifying more pairs.")
 
 
 class DecontaminateConfig(Strict):
