@@ -13,7 +13,6 @@ The embeddings are computed in one Ray task (one CPU), so the driver loads no mo
 from __future__ import annotations
 
 import numpy as np
-import ray
 
 from ..actors.minhash import normalised_words
 from .recipe import DiversityConfig
@@ -26,20 +25,11 @@ def distinct_n(words: list[list[str]], n: int) -> float | None:
     return round(len(set(grams)) / len(grams), 4) if grams else None
 
 
-@ray.remote(num_cpus=1)
 def _embedding_measures(texts: list[str], references: list[str] | None, model: str) -> dict:
-    import torch
+    from .embed import embed_texts  # one Ray task, one model load for samples and references
 
-    from ..actors.embedding import load_sentence_model
-
-    torch.set_num_threads(1)  # the task holds one CPU
-    encoder = load_sentence_model(model, device="cpu")
-
-    def embed(batch: list[str]) -> np.ndarray:
-        return encoder.encode(batch, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
-                              show_progress_bar=False).astype(np.float64)
-
-    vectors = embed(texts)
+    vectors = embed_texts(texts + list(references or []), model).astype(np.float64)
+    vectors, reference_vectors = vectors[:len(texts)], vectors[len(texts):]
     n = len(vectors)
     out: dict = {"mean_pairwise_distance": None, "nearest_reference": None}
     if n >= 2:
@@ -48,7 +38,7 @@ def _embedding_measures(texts: list[str], references: list[str] | None, model: s
         mean_cos = (total @ total - (vectors * vectors).sum()) / (n * (n - 1))
         out["mean_pairwise_distance"] = round(float(1.0 - mean_cos), 4)
     if references:
-        nearest = (vectors @ embed(references).T).max(axis=1)
+        nearest = (vectors @ reference_vectors.T).max(axis=1)
         out["nearest_reference"] = {
             "references": len(references), "mean": round(float(nearest.mean()), 4),
             "median": round(float(np.median(nearest)), 4), "max": round(float(nearest.max()), 4),
@@ -66,7 +56,7 @@ def measure_diversity(texts: list[str], reference_texts: list[str] | None, cfg: 
         picks = np.sort(np.random.default_rng(0).choice(len(texts), size=cfg.sample, replace=False))
         texts = [texts[i] for i in picks]
     words = normalised_words(texts).to_pylist()
-    measures = ray.get(_embedding_measures.remote(list(texts), list(reference_texts or []) or None, cfg.model))
+    measures = _embedding_measures(list(texts), list(reference_texts or []) or None, cfg.model)
     return {"sample": len(texts), "model": cfg.model,
             **{f"distinct_{n}": distinct_n(words, n) for n in (1, 2, 3)}, **measures}
 

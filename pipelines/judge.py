@@ -11,15 +11,15 @@ import time
 import pyarrow as pa
 
 from ..actors.engines import SamplingParams
-from .corpus import READ_TASK_CPUS, CorpusSpec, read_corpus, without_operator_reservations
-from .diversity import diversity_markdown, measure_diversity, nearest_reference_png
+from .corpus import READ_TASK_CPUS, CorpusSpec, read_corpus
 from .generate import EnginePool
-from .outcomes import DROP_DETAIL, DROP_REASON, acceptance_rate, outcome_rows, sample_column, write_outcomes
+from .outcomes import (DROP_DETAIL, DROP_REASON, acceptance_rate, finish_outcomes, kept_diversity, outcome_rows,
+                       sample_column)
 from .prompts import PromptTemplate, check_renders, load_template
 from .recipe import RATINGS, JudgeConfig
 from .references import References, load_reference_texts
 from .report import markdown_table, write_report
-from .rundir import QUARANTINE_PARTS, StageDir, gather_quarantine
+from .rundir import QUARANTINE_PARTS, StageDir
 
 TEMPLATE_VARIABLES, REQUIRED_VARIABLES = {"sample", "row"}, {"sample"}
 RATING_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["rating"],
@@ -104,19 +104,14 @@ def run_judge(cfg: JudgeConfig, stage: StageDir, upstream: str | None = None,
     judged = pool.generate(rows, judge_params(cfg), PROMPT, parts, "judge", chat=True,
                            system_prompt=cfg.system_prompt) \
         .map_batches(ApplyThreshold(cfg.threshold), batch_format="pyarrow")
-    with without_operator_reservations():
-        judged = judged.materialize()
-        kept, dropped = write_outcomes(judged, stage)
+    kept, dropped, quarantined, rows_in = finish_outcomes(judged, stage, "samples")
     judging = time.perf_counter() - started
-    quarantined = gather_quarantine(stage, "samples")
-    rows_in = kept + sum(dropped.values()) + len(quarantined)
     ratings = _rating_counts(stage)
     refs = References(cfg.references, cfg.reference_fields) if cfg.references else references
     reference_texts = load_reference_texts(refs, "judge.references") if refs else None
-    diversity = measure_diversity(sample_column(stage.child("data"), cfg.text_field, cfg.diversity.sample),
-                                  reference_texts, cfg.diversity)
+    diversity, diversity_lines = kept_diversity(stage, cfg.text_field, reference_texts, cfg.diversity)
     report = {
-        "stage": "judge", "rows_in": rows_in, "rows_out": kept, "rows_quarantined": len(quarantined),
+        "stage": "judge", "rows_in": rows_in, "rows_out": kept, "rows_quarantined": quarantined,
         "rows_filtered": {"below_threshold": dropped.get("below_threshold", 0), "unrated": dropped.get("unrated", 0)},
         "acceptance_rate": acceptance_rate(kept, rows_in), "threshold": cfg.threshold, "ratings": ratings,
         "model": cfg.model, "engine": cfg.engine, "diversity": diversity,
@@ -125,17 +120,12 @@ def run_judge(cfg: JudgeConfig, stage: StageDir, upstream: str | None = None,
                     "quarantine": stage.child("quarantine.jsonl")},
     }
     stage.write_bytes("ratings.png", ratings_png(ratings, cfg.threshold))
-    figures = ["![ratings](ratings.png)"]
-    if diversity and diversity.get("nearest_reference"):
-        stage.write_bytes("nearest_reference.png", nearest_reference_png(diversity["nearest_reference"]["values"]))
-        figures.append("![similarity to the closest reference](nearest_reference.png)")
     write_report(stage, report, "\n".join([
         "# judge — LLM ratings", "", markdown_table(outcome_rows(report) + [
             ("threshold", cfg.threshold),
             ("ratings", ", ".join(f"{k}: {v:,}" for k, v in ratings.items())),
             ("model", f"{cfg.model} ({cfg.engine})"), ("samples / second", report["samples_per_second"]),
-            ("seconds", report["seconds"])]), "",
-        diversity_markdown(diversity) if diversity else "", "", *figures, ""]))
+            ("seconds", report["seconds"])]), "", "![ratings](ratings.png)", "", *diversity_lines, ""]))
     return report
 
 

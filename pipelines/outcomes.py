@@ -10,8 +10,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from ray.data import Dataset
 
-from .corpus import drop_internal_columns
-from .rundir import StageDir, count_parquet_rows
+from .corpus import drop_internal_columns, without_operator_reservations
+from .rundir import StageDir, count_parquet_rows, gather_quarantine
 
 DROP_REASON, DROP_DETAIL = "drop_reason", "drop_detail"
 
@@ -31,6 +31,30 @@ def write_outcomes(rows: Dataset, stage: StageDir) -> tuple[int, dict[str, int]]
     rows.map_batches(_kept, batch_format="pyarrow", batch_size=None).write_parquet(stage.child("data"))
     rows.map_batches(_dropped, batch_format="pyarrow", batch_size=None).write_parquet(stage.child("dropped"))
     return count_parquet_rows(stage.child("data")), dropped_by_reason(stage.child("dropped"))
+
+
+def finish_outcomes(rows: Dataset, stage: StageDir, input_name: str) -> tuple[int, dict[str, int], int, int]:
+    """Run ``rows`` (generation included) and write them split; returns kept, dropped by reason, quarantined and
+    rows in (their sum)."""
+    with without_operator_reservations():  # per-operator reservations would hold the engine pool to a share
+        kept, dropped = write_outcomes(rows.materialize(), stage)
+    quarantined = len(gather_quarantine(stage, input_name))
+    return kept, dropped, quarantined, kept + sum(dropped.values()) + quarantined
+
+
+def kept_diversity(stage: StageDir, field: str, reference_texts: list[str] | None, cfg) -> tuple[dict | None, list]:
+    """The diversity of the kept rows' ``field`` (``cfg``: a DiversityConfig) and the report.md lines that show it
+    (the table, and the closeness-to-references histogram written beside it)."""
+    from .diversity import diversity_markdown, measure_diversity, nearest_reference_png
+
+    diversity = measure_diversity(sample_column(stage.child("data"), field, cfg.sample), reference_texts, cfg)
+    if not diversity:
+        return None, []
+    lines = [diversity_markdown(diversity), ""]
+    if diversity.get("nearest_reference"):
+        stage.write_bytes("nearest_reference.png", nearest_reference_png(diversity["nearest_reference"]["values"]))
+        lines.append("![similarity to the closest reference](nearest_reference.png)")
+    return diversity, lines
 
 
 def dropped_by_reason(uri: str) -> dict[str, int]:

@@ -17,13 +17,13 @@ import ray
 
 from . import craft, domino, trait
 from .corpus import READ_TASK_CPUS, CorpusSpec, read_corpus, without_operator_reservations
-from .diversity import diversity_markdown, measure_diversity, nearest_reference_png
 from .generate import EnginePool
-from .outcomes import DROP_DETAIL, DROP_REASON, acceptance_rate, outcome_rows, sample_column, write_outcomes
+from .outcomes import (DROP_DETAIL, DROP_REASON, acceptance_rate, finish_outcomes, kept_diversity, outcome_rows,
+                       sample_column)
 from .recipe import SynthesizeConfig
 from .references import References, load_reference_texts
 from .report import markdown_table, token_histogram_png, write_report
-from .rundir import QUARANTINE_PARTS, StageDir, StageError, gather_quarantine
+from .rundir import QUARANTINE_PARTS, StageDir, StageError
 
 PROMPT, SCHEMA, SEED = "_prompt", "_json_schema", "_seed"
 
@@ -232,21 +232,16 @@ def run_synthesize(cfg: SynthesizeConfig, stage: StageDir) -> dict:
             samples = samples.map_batches(_dropped_only, batch_format="pyarrow").union(responses)
         details = {"num_samples": cfg.domino.num_samples, "soft_prompt": cfg.domino.soft_prompt,
                    "respond": cfg.domino.respond}
-    with without_operator_reservations():  # per-operator reservations would hold the engine pool to a share
-        samples = samples.materialize()
-        kept, dropped = write_outcomes(samples, stage)
+    kept, dropped, quarantined, rows_in = finish_outcomes(samples, stage, "synthesize")
     generating = time.perf_counter() - started
-    quarantined = gather_quarantine(stage, "synthesize")
-    rows_in = kept + sum(dropped.values()) + len(quarantined)
     references = default_references(cfg)
     reference_texts = load_reference_texts(references, "synthesize.references") if references else None
-    diversity = measure_diversity(sample_column(stage.child("data"), "text", cfg.diversity.sample),
-                                  reference_texts, cfg.diversity)
+    diversity, diversity_lines = kept_diversity(stage, "text", reference_texts, cfg.diversity)
     tokens = sample_column(stage.child("data"), "output_tokens" if cfg.method == "domino" and cfg.domino.respond
                            else ("input_tokens" if cfg.method == "domino" else "completion_tokens"), 100_000)
     report = {
         "stage": "synthesize", "method": cfg.method, "rows_in": rows_in, "rows_out": kept,
-        "rows_quarantined": len(quarantined), "rows_filtered": dropped,
+        "rows_quarantined": quarantined, "rows_filtered": dropped,
         "acceptance_rate": acceptance_rate(kept, rows_in), **details,
         "model": cfg.model, "engine": cfg.engine, "sampling": params.model_dump(exclude_none=True, exclude={"json_schema"}),
         "structured_output": cfg.structured_output, "diversity": diversity,
@@ -259,14 +254,10 @@ def run_synthesize(cfg: SynthesizeConfig, stage: StageDir) -> dict:
     if tokens:
         stage.write_bytes("sample_tokens.png", token_histogram_png(tokens, params.max_tokens))
         figures.append("![tokens per kept sample](sample_tokens.png)")
-    if diversity and diversity.get("nearest_reference"):
-        stage.write_bytes("nearest_reference.png", nearest_reference_png(diversity["nearest_reference"]["values"]))
-        figures.append("![similarity to the closest reference](nearest_reference.png)")
     write_report(stage, report, "\n".join([
         f"# synthesize — {cfg.method}", "", markdown_table(outcome_rows(report) + [
             ("model", f"{cfg.model} ({cfg.engine})"), ("samples / second", report["samples_per_second"]),
-            ("seconds", report["seconds"])]), "", *_method_lines(report), "",
-        diversity_markdown(diversity) if diversity else "", "", *figures, ""]))
+            ("seconds", report["seconds"])]), "", *_method_lines(report), "", *figures, "", *diversity_lines, ""]))
     return report
 
 
