@@ -48,7 +48,10 @@ async def _bad_parameters(request: Request, error: ValidationError) -> JSONRespo
     return JSONResponse(oa.APIError(400, message, param=field).body(), status_code=400)
 
 
-@serve.deployment(name="generator")
+DEPLOYMENT_NAME = "generator"  # what a Serve config file's `deployments` entries name
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(api)
 class GeneratorServer:
     def __init__(self, model: str, engine: str = "transformers", engine_options: Optional[dict] = None,

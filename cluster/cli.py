@@ -1,5 +1,5 @@
 """The ``domainsynth`` command line: ``select``, ``embed``, ``retrieve``, ``generate``, ``synthesize``, ``qc``,
-``judge``, ``serve``, ``models``, ``run RECIPE.yaml`` and ``demo``."""
+``judge``, ``serve``, ``models``, ``run RECIPE.yaml``, ``demo``, and for clusters ``submit``, ``jobs`` and ``k8s``."""
 
 from __future__ import annotations
 
@@ -252,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", metavar="RECIPE.yaml")
     _add_common(run)
 
+    _add_cluster_commands(sub)
+
     demo = sub.add_parser("demo", help="run the quickstart recipe on bundled sample data and a local Ray",
                           description="Run examples/quickstart.yaml: hidden biomedical abstracts are recovered from "
                                       "a sample of general web text, the documents closest to CRAFT's BioQA "
@@ -263,6 +265,62 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run directory (default: runs/quickstart)")
     _add_common(demo)
     return parser
+
+
+def _add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", metavar="URL",
+                   help="the cluster's dashboard, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS or "
+                        "$RAY_ADDRESS); a token is sent as Ray's token auth says (RAY_AUTH_MODE, RAY_AUTH_TOKEN, "
+                        "RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
+
+
+def _add_cluster_commands(sub) -> None:
+    """submit, jobs and k8s: running recipes on a Ray cluster (docs/kubernetes.md)."""
+    submit = sub.add_parser(
+        "submit", help="run a recipe on a Ray cluster through the Ray Jobs API",
+        description="Validate RECIPE.yaml, pack it with its local inputs (files, folders, model folders; URIs and "
+                    "Hugging Face ids stay as they are) into the job's working_dir, submit 'domainsynth run' to the "
+                    "cluster at --address, print the job id, then wait for the job (printing its status), follow its "
+                    "logs (--follow) or return at once (--no-wait). Exits 0 only when the job succeeded.")
+    submit.add_argument("recipe", metavar="RECIPE.yaml")
+    _add_address(submit)
+    mode = submit.add_mutually_exclusive_group()
+    mode.add_argument("--follow", action="store_true", help="print the job's logs as they come, until it ends")
+    mode.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
+    submit.add_argument("--job-id", metavar="ID", help="submission id (default: Ray makes one)")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field (repeatable)")
+
+    jobs = sub.add_parser("jobs", help="list, inspect, follow or stop jobs on a Ray cluster")
+    actions = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    for name, help_text in (("list", "every job of the cluster, newest last"),
+                            ("status", "a job's status and message"),
+                            ("logs", "a job's logs (--follow: until it ends)"),
+                            ("stop", "stop a running job")):
+        action = actions.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        if name != "list":
+            action.add_argument("job_id", metavar="JOB_ID")
+        if name == "logs":
+            action.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+        _add_address(action)
+
+    k8s = sub.add_parser("k8s", help="KubeRay manifests made from a recipe")
+    k8s_actions = k8s.add_subparsers(dest="k8s_command", required=True, metavar="ACTION")
+    render = k8s_actions.add_parser(
+        "render", help="print a RayJob, RayService or RayCluster for a recipe",
+        description="Print a KubeRay manifest made from RECIPE.yaml (image, resources and worker groups from its "
+                    "kubernetes section; a GPU group when a stage or the endpoint asks for GPUs), checked against "
+                    "the KubeRay v1.7.0 CRDs first: rayjob = a ConfigMap with the recipe + a RayJob running it, "
+                    "rayservice = the serve section as a RayService, raycluster = a long-lived RayCluster for "
+                    "'domainsynth submit'. Local paths are rewritten to where the pods find them; notes go to "
+                    "stderr. Apply with: domainsynth k8s render R.yaml --kind rayjob | kubectl apply -f -")
+    render.add_argument("recipe", metavar="RECIPE.yaml")
+    render.add_argument("--kind", required=True, choices=("rayjob", "rayservice", "raycluster"))
+    render.add_argument("--project-dir", metavar="DIR",
+                        help="the project the image was built from (default: the current directory): local paths "
+                             "inside it are found in the image under kubernetes.project_dir")
+    render.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field, e.g. --set kubernetes.image=REGISTRY/domainsynth:0.1.0")
 
 
 def recipe_from_select_args(args: argparse.Namespace) -> Recipe:
@@ -474,6 +532,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"Tiny model written to {make_tiny_llama(args.dir, max_positions=args.max_positions)}")
         return 0
+    if args.command in ("submit", "jobs", "k8s"):
+        from .cluster_commands import run_cluster_command
+
+        return run_cluster_command(args)
     try:
         if args.command == "select":
             recipe = recipe_from_select_args(args)

@@ -17,8 +17,10 @@ def connect(config: RayConfig) -> bool:
         return False
     # The package imports as `domainsynth` from site-packages in every worker; nothing needs shipping.
     os.environ.setdefault("RAY_ACCEPT_CALLBACK_WARNINGS", "1")
-    if config.address:
-        ray.init(address=config.address, logging_level=logging.WARNING)
+    # Inside a Ray job (`domainsynth submit`, a KubeRay RayJob) the job manager sets RAY_ADDRESS: join that cluster.
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
         return True
     ray.init(num_cpus=config.num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=True)

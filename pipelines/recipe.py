@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -454,6 +454,80 @@ class ServeConfig(Strict):
         return self
 
 
+Quantity = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, (int, float)) else v),
+                     Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")]
+K8sName = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=50)]
+
+
+CpuQuantity = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, (int, float)) else v),
+                        Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$")]
+
+
+class PodResources(Strict):
+    """What one Ray pod asks Kubernetes for (requests = limits, so Ray's view of the node matches the pod's)."""
+    cpu: CpuQuantity = Field("4", description="CPU cores (Kubernetes quantity: 4, 500m).")
+    memory: Quantity = Field("16Gi", description="Memory (Kubernetes quantity: 16Gi).")
+
+
+class HeadGroup(PodResources):
+    cpu: CpuQuantity = "2"
+    memory: Quantity = "8Gi"
+
+
+class WorkerGroup(PodResources):
+    min_replicas: int = Field(0, ge=0, description="Pods kept even when idle (0: the autoscaler starts them on "
+                                                   "demand).")
+    max_replicas: Optional[int] = Field(None, ge=1, description="Most pods; null = enough for the recipe's largest "
+                                                                "pool (4 when no pool has a maximum).")
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> "WorkerGroup":
+        if self.max_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+
+class GpuWorkerGroup(WorkerGroup):
+    cpu: CpuQuantity = "8"
+    memory: Quantity = "64Gi"
+    gpus: int = Field(1, ge=1, description="nvidia.com/gpu per pod.")
+    accelerator_type: Optional[str] = Field(None, description="Ray accelerator type of the GPUs (H100, A100, L4): "
+                                            "a node label and selector, so tasks asking for it land there.")
+
+
+class VolumeConfig(Strict):
+    claim_name: str = Field(description="A ReadWriteMany PersistentVolumeClaim every Ray pod mounts.")
+    mount_path: str = Field("/data", pattern=r"^/", description="Where the pods see it.")
+
+
+class RayJobConfig(Strict):
+    ttl_seconds_after_finished: int = Field(3600, ge=0, description="How long the finished job's cluster stays "
+                                            "(logs, dashboard) before KubeRay deletes it.")
+    active_deadline_seconds: Optional[int] = Field(None, gt=0, description="Fail the job after this long; null = "
+                                                                           "no limit.")
+    backoff_limit: int = Field(0, ge=0, description="Retries of a failed job (each on a new cluster).")
+
+
+class KubernetesConfig(Strict):
+    """What ``domainsynth k8s render`` puts in KubeRay manifests (see docs/kubernetes.md)."""
+    name: K8sName = Field("domainsynth", description="Name of the RayCluster / RayJob / RayService.")
+    namespace: Optional[K8sName] = Field(None, description="Namespace; null = kubectl's current one.")
+    image: str = Field("domainsynth:0.1.0", description="Image with domainsynth installed (k8s/Dockerfile).")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    project_dir: str = Field("/home/ray/domainsynth", pattern=r"^/", description="Where the image holds the project: "
+                             "local paths of the recipe inside the current directory are found there.")
+    volume: Optional[VolumeConfig] = Field(None, description="A shared volume on every pod, for run_dir and inputs "
+                                           "(run_dir must be shared: a URI such as s3://, or this volume).")
+    head: HeadGroup = HeadGroup()
+    cpu_workers: WorkerGroup = WorkerGroup()
+    gpu_workers: Optional[GpuWorkerGroup] = Field(None, description="The GPU worker group; null = one GPU per pod, "
+                                                  "added when a stage or the endpoint asks for GPUs.")
+    idle_timeout_seconds: int = Field(60, ge=0, description="The autoscaler removes a worker idle this long.")
+    auth: Literal["token", "disabled"] = Field("token", description="Ray's token authentication on the cluster "
+                                               "(KubeRay keeps the token in a Secret; see docs/kubernetes.md).")
+    job: RayJobConfig = RayJobConfig()
+
+
 class Recipe(Strict):
     run_dir: Optional[str] = Field(None, description="Where the run writes (local path or pyarrow filesystem URI); "
                                                      "required when the recipe has a stage.")
@@ -467,6 +541,7 @@ class Recipe(Strict):
     qc: Optional[QcConfig] = None
     judge: Optional[JudgeConfig] = None
     serve: Optional[ServeConfig] = None
+    kubernetes: KubernetesConfig = KubernetesConfig()
 
     @model_validator(mode="after")
     def _embed_has_a_corpus(self) -> "Recipe":
@@ -555,6 +630,33 @@ def _resolve_relative(raw: dict, base_dir: str) -> dict:
     if isinstance(serve, dict) and isinstance(serve.get("soft_prompts"), dict):
         serve["soft_prompts"] = {k: _absolute(v, base_dir) if isinstance(v, str) else v
                                  for k, v in serve["soft_prompts"].items()}
+    return raw
+
+
+def map_local_paths(raw: dict, move: Callable[[str, str], str]) -> dict:
+    """Replace every local path of a resolved recipe mapping (inputs, model folders, soft prompts) by
+    ``move(field, path)``, in place; URIs and Hugging Face ids stay. This is how a recipe travels to a cluster."""
+    def local(value) -> bool:
+        return isinstance(value, str) and not is_uri(value) and os.path.isabs(value)
+
+    def visit(section, name: str, field: str) -> None:
+        value = section.get(name)
+        if local(value):
+            section[name] = move(field, value)
+        elif isinstance(value, list):
+            section[name] = [move(field, v) if local(v) else v for v in value]
+
+    for stage, fields in _INPUT_PATH_FIELDS.items():
+        section = _section(raw, stage)
+        for name in fields if isinstance(section, dict) else ():
+            visit(section, name, f"{stage}.{name}")
+    for stage, name in _MODEL_FIELDS.items():
+        section = _section(raw, stage)
+        if isinstance(section, dict):
+            visit(section, name, f"{stage}.{name}")
+    soft_prompts = _section(raw, "serve.soft_prompts")
+    for name in soft_prompts if isinstance(soft_prompts, dict) else ():
+        visit(soft_prompts, name, f"serve.soft_prompts.{name}")
     return raw
 
 

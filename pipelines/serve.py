@@ -36,6 +36,13 @@ def build_application(cfg: ServeConfig):
         max_ongoing_requests=cfg.max_ongoing_requests)
 
 
+def app_builder(args: dict):
+    """Serve's application builder for config files: ``import_path: domainsynth.pipelines.serve:app_builder`` with
+    ``args`` = a recipe's ``serve`` section. This is what a RayService's ``serveConfigV2`` (and ``serve deploy``)
+    runs; the config's ``deployments`` entry for ``generator`` may override replicas and autoscaling."""
+    return build_application(ServeConfig.model_validate(args))
+
+
 def _ray_serve_llm_app(cfg: ServeConfig):
     if api_key(cfg):
         raise ValueError(f"serve.backend ray-serve-llm does not check API keys: unset {cfg.api_key_env} or use "

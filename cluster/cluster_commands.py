@@ -1,0 +1,116 @@
+"""The cluster commands of the CLI: ``submit``, ``jobs list|status|logs|stop`` and ``k8s render``.
+
+Exit status: 0 done (a submitted job: succeeded), 1 the cluster or the job failed, 2 a bad recipe or argument
+(found before anything is sent), 130 stopped waiting with Ctrl-C (the job goes on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+
+from ..pipelines.recipe import STAGE_ORDER, RecipeError, load_recipe
+from ..pipelines.rundir import StageError
+from ..pipelines.runner import preflight
+from . import submit as jobs_api
+
+
+def run_cluster_command(args: argparse.Namespace) -> int:
+    try:
+        if args.command == "k8s":
+            return render_command(args)
+        if args.command == "submit":
+            return submit_command(args)
+        return jobs_command(args)
+    except (RecipeError, FileNotFoundError, ValueError, StageError) as e:
+        print(f"domainsynth: error: {e}", file=sys.stderr)
+        return 2
+    except jobs_api.SubmitError as e:
+        print(f"domainsynth: error: {e}", file=sys.stderr)
+        return 1
+
+
+def render_command(args: argparse.Namespace) -> int:
+    from .k8s_render import render
+    from .k8s_validate import validate_documents
+
+    rendered = render(load_recipe(args.recipe, args.overrides), args.kind, args.project_dir)
+    errors = validate_documents(rendered.objects)
+    if errors:  # never print a manifest the API server or the operator would refuse
+        print("domainsynth: error: the manifest does not pass KubeRay's checks:\n  " + "\n  ".join(errors),
+              file=sys.stderr)
+        return 1
+    for note in rendered.warnings:
+        print(f"note: {note}", file=sys.stderr)
+    sys.stdout.write(rendered.yaml())
+    return 0
+
+
+def submit_command(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    if not any(getattr(recipe, stage) for stage in STAGE_ORDER):
+        raise RecipeError(f"{args.recipe}: no stage to run ({', '.join(STAGE_ORDER)})")
+    preflight(recipe)  # a missing input or a broken template fails here, before anything is uploaded
+    client = jobs_api.connect(args.address)
+    job_id = jobs_api.submit(client, recipe, args.recipe, args.job_id)
+    address = jobs_api.dashboard_address(args.address)
+    print(f"Submitted job {job_id} to {address} (dashboard: {address}/#/jobs/{job_id})", flush=True)
+    if args.no_wait:
+        print(f"Follow it with: domainsynth jobs logs {job_id} --follow --address {address}")
+        return 0
+    return _wait_for(client, job_id, args.follow)
+
+
+def _wait_for(client, job_id: str, follow: bool) -> int:
+    try:
+        if follow:
+            jobs_api.follow_logs(client, job_id, _write)
+        else:
+            jobs_api.wait(client, job_id, echo=lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        print(f"\nStopped waiting; job {job_id} goes on (domainsynth jobs stop {job_id} stops it).")
+        return 130
+    code = jobs_api.outcome(client, job_id)
+    if code and not follow:
+        tail = client.get_job_logs(job_id).splitlines()[-30:]
+        print("Last lines of its logs:\n  " + "\n  ".join(tail))
+    return code
+
+
+def jobs_command(args: argparse.Namespace) -> int:
+    client = jobs_api.connect(args.address)
+    action = args.jobs_command
+    try:
+        if action == "list":
+            print(_jobs_table(client.list_jobs()))
+        elif action == "status":
+            info = client.get_job_info(args.job_id)
+            print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+        elif action == "logs" and args.follow:
+            jobs_api.follow_logs(client, args.job_id, _write)
+            return jobs_api.outcome(client, args.job_id)
+        elif action == "logs":
+            _write(client.get_job_logs(args.job_id))
+        else:
+            stopped = client.stop_job(args.job_id)
+            print(f"{args.job_id}: {'stop requested' if stopped else 'not running, nothing to stop'}")
+    except RuntimeError as e:  # the Jobs API's answer for an unknown job id, among others
+        raise jobs_api.SubmitError(str(e).strip()) from None
+    return 0
+
+
+def _jobs_table(jobs) -> str:
+    rows = [("JOB ID", "STATUS", "STARTED", "TOOK", "ENTRYPOINT")]
+    for job in sorted(jobs, key=lambda j: j.start_time or 0):
+        started = datetime.fromtimestamp(job.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S") if job.start_time else "-"
+        took = f"{(job.end_time - job.start_time) / 1000:.0f}s" if job.end_time and job.start_time else "-"
+        rows.append((job.submission_id or job.job_id or "-", str(job.status.value), started, took,
+                     job.entrypoint[:60]))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4] for row in rows)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()

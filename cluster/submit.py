@@ -1,0 +1,219 @@
+"""``domainsynth submit`` and ``domainsynth jobs``: pipeline runs on a Ray cluster through the Ray Jobs API.
+
+A submission packs the recipe and its local inputs (files, folders, model folders) into a staging folder that
+becomes the job's ``working_dir``: Ray uploads it to the cluster and unpacks it on every node, and the job runs
+``domainsynth run recipe.yaml`` there. URIs (s3://, gs://) and Hugging Face ids travel as they are.
+
+Authentication follows Ray's token auth: with ``RAY_AUTH_MODE=token`` a token is required (``RAY_AUTH_TOKEN``,
+the file named by ``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``); with ``RAY_AUTH_MODE=disabled`` none is sent;
+unset, a token is sent when one is found, and a cluster that wants one and gets none is reported as such.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import requests
+import yaml
+
+from ..pipelines.paths import is_uri
+from ..pipelines.recipe import Recipe, map_local_paths
+
+# The dashboard refuses request bodies above this (ray_constants.DASHBOARD_CLIENT_MAX_SIZE): the zipped working_dir.
+UPLOAD_LIMIT_BYTES = 100 * 1024**2
+CONNECT_TIMEOUT_S = 5.0
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+PORT_FORWARD_HINT = "on Kubernetes: kubectl port-forward svc/CLUSTER-head-svc 8265:8265"
+
+
+class SubmitError(Exception):
+    """The submission cannot go ahead; the message says why and what to do."""
+
+
+# --- where the cluster is and how to talk to it -------------------------------------------------------------------
+
+def dashboard_address(given: str | None) -> str:
+    """The Jobs API address: --address, else RAY_API_SERVER_ADDRESS or RAY_ADDRESS (as Ray's own CLI reads them)."""
+    address = given or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise SubmitError(f"give --address http://HEAD:8265 (the Ray dashboard; {PORT_FORWARD_HINT}), or set "
+                          f"RAY_API_SERVER_ADDRESS")
+    if "://" not in address:
+        address = "http://" + address
+    if not address.startswith(("http://", "https://")):
+        raise SubmitError(f"--address {address}: expected the dashboard's HTTP address such as http://HEAD:8265 "
+                          f"(ray:// is Ray Client's address, not the Jobs API's)")
+    return address.rstrip("/")
+
+
+def auth_headers() -> dict[str, str]:
+    mode = os.environ.get("RAY_AUTH_MODE", "").strip().lower()
+    if mode not in ("", "token", "disabled"):
+        raise SubmitError(f"RAY_AUTH_MODE={mode!r}: expected token or disabled")
+    if mode == "disabled":
+        return {}
+    token = _read_token()
+    if mode == "token" and not token:
+        raise SubmitError("RAY_AUTH_MODE=token but no token was found: set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH "
+                          "to a file holding it, or write it to ~/.ray/auth_token (on a KubeRay cluster it is in "
+                          "a Secret; see docs/kubernetes.md)")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _read_token() -> str | None:
+    """Ray's own order: RAY_AUTH_TOKEN, then RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    path = Path(named).expanduser() if named else Path.home() / ".ray" / "auth_token"
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        if named:
+            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={named}: cannot read the token there") from None
+        return None
+
+
+def connect(address: str | None):
+    """A JobSubmissionClient for the cluster, after a quick check (seconds, not minutes) that the dashboard
+    answers and accepts our credentials."""
+    from ray.job_submission import JobSubmissionClient
+
+    url, headers = dashboard_address(address), auth_headers()
+    try:
+        mode = requests.get(f"{url}/api/authentication_mode", timeout=CONNECT_TIMEOUT_S)
+        probe = requests.get(f"{url}/api/version", headers=headers, timeout=CONNECT_TIMEOUT_S)
+    except requests.RequestException as e:
+        errno = re.search(r"\[Errno -?\d+\] [^'\")]+", str(e))
+        reason = errno.group(0) if errno else "timed out" if isinstance(e, requests.Timeout) else type(e).__name__
+        raise SubmitError(f"cannot reach the Ray dashboard at {url} ({reason}); is the head running and port 8265 "
+                          f"open? ({PORT_FORWARD_HINT})") from None
+    if probe.status_code == 401:
+        raise SubmitError(f"the cluster at {url} requires a token and none was sent: set RAY_AUTH_MODE=token and "
+                          f"RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token)")
+    if probe.status_code == 403:
+        raise SubmitError(f"the cluster at {url} rejected the token: check RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / "
+                          f"~/.ray/auth_token")
+    if not probe.ok or mode.status_code not in (200, 404):
+        raise SubmitError(f"{url} answered HTTP {probe.status_code}: is it a Ray dashboard (port 8265)?")
+    return JobSubmissionClient(url, headers=headers)
+
+
+# --- the working directory that carries the recipe ----------------------------------------------------------------
+
+def stage(recipe: Recipe, into: str, echo: Callable[[str], None] = print) -> str:
+    """Write ``into/recipe.yaml`` with every local input copied under ``into/inputs``; returns the recipe's name
+    there. ``run_dir`` stays where it is (a URI, or a local path the cluster's machines write to)."""
+    staged: dict[str, str] = {}
+
+    def copy(field: str, path: str) -> str:
+        if path not in staged:
+            staged[path] = _copy_input(path, os.path.join(into, "inputs", str(len(staged))))
+        return "./" + os.path.relpath(staged[path], into)
+
+    raw = recipe.model_dump(mode="json", exclude_unset=True, exclude={"ray", "kubernetes", "serve"})
+    raw = map_local_paths(raw, copy)
+    if recipe.run_dir and not is_uri(recipe.run_dir):
+        raw["run_dir"] = os.path.abspath(recipe.run_dir)
+        echo(f"run_dir {raw['run_dir']} is a local path: the job writes it on the cluster's machines (right for a "
+             f"local cluster or a volume they share; use s3://... or gs://... for a remote one)")
+    size = _tree_bytes(into)
+    if size > UPLOAD_LIMIT_BYTES:
+        largest = sorted(staged, key=lambda p: _tree_bytes(staged[p]), reverse=True)[:3]
+        named = ", ".join(f"{p} {_size(_tree_bytes(staged[p]))}" for p in largest)
+        raise SubmitError(f"the recipe's local inputs come to {_size(size)}; the Ray Jobs API uploads at most "
+                          f"{_size(UPLOAD_LIMIT_BYTES)}: put the big ones ({named}) on s3:// or gs://, or on a volume "
+                          f"the cluster mounts")
+    with open(os.path.join(into, "recipe.yaml"), "w", encoding="utf-8") as f:
+        yaml.safe_dump(raw, f, sort_keys=False)
+    return "recipe.yaml"
+
+
+def _copy_input(path: str, slot: str) -> str:
+    """Copy a file, a folder or a glob's matches into ``slot``; the path that now names the same input."""
+    if glob.has_magic(path):
+        base = _glob_base(path)
+        for match in glob.glob(path, recursive=True):
+            target = os.path.join(slot, os.path.relpath(match, base))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            (shutil.copytree if os.path.isdir(match) else shutil.copy2)(match, target)
+        return os.path.join(slot, os.path.relpath(path, base))
+    target = os.path.join(slot, os.path.basename(path.rstrip("/")))
+    os.makedirs(slot, exist_ok=True)
+    (shutil.copytree if os.path.isdir(path) else shutil.copy2)(path, target)
+    return target
+
+
+def _glob_base(pattern: str) -> str:
+    """The folders of a glob before its first wildcard: data/*/x.jsonl -> data."""
+    parts = Path(pattern).parts
+    return str(Path(*parts[:next(i for i, p in enumerate(parts) if glob.has_magic(p))]))
+
+
+def _size(n: int) -> str:
+    for power, unit in ((3, "GiB"), (2, "MiB"), (1, "KiB")):
+        if n >= 1024**power:
+            return f"{n / 1024**power:,.1f} {unit}"
+    return f"{n:,} B"
+
+
+def _tree_bytes(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+# --- submitting and following -------------------------------------------------------------------------------------
+
+def submit(client, recipe: Recipe, recipe_path: str, job_id: str | None = None,
+           echo: Callable[[str], None] = print) -> str:
+    with tempfile.TemporaryDirectory(prefix="domainsynth-job-") as staging:
+        name = stage(recipe, staging, echo)
+        try:
+            return client.submit_job(
+                entrypoint=f"domainsynth run {name}", submission_id=job_id,
+                runtime_env={"working_dir": staging, "env_vars": {"PYTHONUNBUFFERED": "1"}},
+                metadata={"domainsynth_recipe": os.path.basename(recipe_path)})
+        except (RuntimeError, ValueError) as e:  # the upload refused, a job id already taken
+            raise SubmitError(f"the cluster refused the job: {e}") from None
+
+
+def follow_logs(client, job_id: str, write: Callable[[str], None]) -> None:
+    """Print the job's logs as they come, until it ends."""
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            write(chunk)
+
+    asyncio.run(tail())
+
+
+def wait(client, job_id: str, echo: Callable[[str], None] = print, poll_s: float = 2.0) -> str:
+    """Wait for the job to end, with a status line now and then; its final status."""
+    started, last = time.monotonic(), None
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        if status != last or status in TERMINAL:
+            echo(f"  {status} after {time.monotonic() - started:.0f}s")
+            last = status
+        if status in TERMINAL:
+            return status
+        time.sleep(poll_s)
+
+
+def outcome(client, job_id: str, echo: Callable[[str], None] = print) -> int:
+    """Exit status of the command for the job's final status: 0 only for SUCCEEDED."""
+    info = client.get_job_info(job_id)
+    status = str(info.status.value)
+    if status == "SUCCEEDED":
+        echo(f"Job {job_id} succeeded.")
+        return 0
+    echo(f"Job {job_id} {status.lower()}: {info.message or 'no message'}")
+    return 1
