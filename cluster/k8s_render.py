@@ -148,7 +148,13 @@ def _rayservice(recipe: Recipe, paths: _PodPaths) -> Rendered:
     cluster = _cluster_spec(recipe, recipe.kubernetes, "serve")
     cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"].append(
         {"name": "serve", "containerPort": serve.port})
-    spec = {"serveConfigV2": yaml.safe_dump(config, sort_keys=False), "rayClusterSpec": cluster}
+    if serve.api_key_env:
+        # Serve builds the application (which reads the key) on any node: every pod gets it, from a Secret that
+        # may be absent (then no key is required).
+        secret = {"name": f"{recipe.kubernetes.name}-api-key", "key": "key", "optional": True}
+        for pod in _pods(cluster):
+            pod["containers"][0]["env"] = [{"name": serve.api_key_env, "valueFrom": {"secretKeyRef": secret}}]
+    spec = {"serveConfigV2": yaml.safe_dump(config, sort_keys=False), "rayClusterConfig": cluster}
     return Rendered([_object("RayService", recipe.kubernetes, spec)], paths.warnings)
 
 
@@ -172,11 +178,12 @@ def _cluster_spec(recipe: Recipe, k8s: KubernetesConfig, workload: str) -> dict:
     gpu = k8s.gpu_workers
     if gpu is None and gpu_pools:
         gpu = GpuWorkerGroup()
-    groups = [_worker_group("cpu-workers", k8s, k8s.cpu_workers, _ceiling(cpu_pools, _cpus(k8s.cpu_workers.cpu)))]
+    groups = [_worker_group("cpu", k8s, k8s.cpu_workers, _ceiling(cpu_pools, _cpus(k8s.cpu_workers.cpu)))]
     if gpu is not None:
-        group = _worker_group("gpu-workers", k8s, gpu, _ceiling(gpu_pools, gpu.gpus))
+        group = _worker_group("gpu", k8s, gpu, _ceiling(gpu_pools, gpu.gpus))
         container = group["template"]["spec"]["containers"][0]
-        container["resources"]["limits"]["nvidia.com/gpu"] = str(gpu.gpus)  # KubeRay turns this into num-gpus
+        for amounts in container["resources"].values():  # KubeRay turns the limit into Ray's num-gpus
+            amounts["nvidia.com/gpu"] = str(gpu.gpus)
         # GPU nodes are usually tainted so that only GPU work lands there.
         group["template"]["spec"]["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists",
                                                      "effect": "NoSchedule"}]
@@ -201,6 +208,10 @@ def _cluster_spec(recipe: Recipe, k8s: KubernetesConfig, workload: str) -> dict:
     return spec
 
 
+def _pods(cluster: dict) -> list[dict]:
+    return [g["template"]["spec"] for g in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"])]
+
+
 def _worker_group(name: str, k8s: KubernetesConfig, group, ceiling: int) -> dict:
     maximum = group.max_replicas or max(ceiling, group.min_replicas, 1)
     return {"groupName": name, "replicas": group.min_replicas, "minReplicas": group.min_replicas,
@@ -220,6 +231,7 @@ def _pod_spec(k8s: KubernetesConfig, container: dict) -> dict:
     if k8s.volume:
         spec["volumes"].append({"name": "shared", "persistentVolumeClaim": {"claimName": k8s.volume.claim_name}})
         container["volumeMounts"].append({"name": "shared", "mountPath": k8s.volume.mount_path})
+        spec["securityContext"] = {"fsGroup": 100}  # the image's user (ray, group users = 100) may write there
     return spec
 
 
