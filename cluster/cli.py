@@ -321,6 +321,13 @@ def _add_cluster_commands(sub) -> None:
                              "inside it are found in the image under kubernetes.project_dir")
     render.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe field, e.g. --set kubernetes.image=REGISTRY/domainsynth:0.1.0")
+    check = k8s_actions.add_parser(
+        "validate", help="check manifests offline against the KubeRay v1.7.0 CRDs and the operator's rules",
+        description="Check YAML files (several objects each is fine) or kustomize folders (rendered with kubectl "
+                    "kustomize) the way the API server and the KubeRay operator would: the CRD schemas with their "
+                    "defaults and no unknown fields, the operator's rules, runtimeEnvYAML and serveConfigV2 against "
+                    "Ray's own schemas. No cluster is needed.")
+    check.add_argument("paths", nargs="+", metavar="FILE_OR_KUSTOMIZE_DIR")
 
 
 def recipe_from_select_args(args: argparse.Namespace) -> Recipe:

@@ -1,4 +1,4 @@
-"""The cluster commands of the CLI: ``submit``, ``jobs list|status|logs|stop`` and ``k8s render``.
+"""The cluster commands of the CLI: ``submit``, ``jobs list|status|logs|stop`` and ``k8s render|validate``.
 
 Exit status: 0 done (a submitted job: succeeded), 1 the cluster or the job failed, 2 a bad recipe or argument
 (found before anything is sent), 130 stopped waiting with Ctrl-C (the job goes on).
@@ -7,19 +7,24 @@ Exit status: 0 done (a submitted job: succeeded), 1 the cluster or the job faile
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import datetime
+
+import yaml
 
 from ..pipelines.recipe import STAGE_ORDER, RecipeError, load_recipe
 from ..pipelines.rundir import StageError
 from ..pipelines.runner import preflight
+from . import k8s_render
 from . import submit as jobs_api
+from .k8s_validate import kustomize_build, validate_documents
 
 
 def run_cluster_command(args: argparse.Namespace) -> int:
     try:
         if args.command == "k8s":
-            return render_command(args)
+            return render_command(args) if args.k8s_command == "render" else validate_command(args)
         if args.command == "submit":
             return submit_command(args)
         return jobs_command(args)
@@ -32,10 +37,7 @@ def run_cluster_command(args: argparse.Namespace) -> int:
 
 
 def render_command(args: argparse.Namespace) -> int:
-    from .k8s_render import render
-    from .k8s_validate import validate_documents
-
-    rendered = render(load_recipe(args.recipe, args.overrides), args.kind, args.project_dir)
+    rendered = k8s_render.render(load_recipe(args.recipe, args.overrides), args.kind, args.project_dir)
     errors = validate_documents(rendered.objects)
     if errors:  # never print a manifest the API server or the operator would refuse
         print("domainsynth: error: the manifest does not pass KubeRay's checks:\n  " + "\n  ".join(errors),
@@ -45,6 +47,27 @@ def render_command(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     sys.stdout.write(rendered.yaml())
     return 0
+
+
+def validate_command(args: argparse.Namespace) -> int:
+    failed = False
+    for path in args.paths:
+        try:
+            if os.path.isdir(path):
+                docs = kustomize_build(path)
+            else:
+                with open(path, encoding="utf-8") as f:
+                    docs = [doc for doc in yaml.safe_load_all(f) if doc is not None]
+        except (OSError, RuntimeError, yaml.YAMLError) as e:
+            print(f"{path}: cannot read it: {e}", file=sys.stderr)
+            failed = True
+            continue
+        errors = validate_documents(docs)
+        failed |= bool(errors)
+        print(f"{path}: {len(docs)} objects, " + ("valid" if not errors else f"{len(errors)} errors:"))
+        for error in errors:
+            print(f"  {error}")
+    return 1 if failed else 0
 
 
 def submit_command(args: argparse.Namespace) -> int:

@@ -155,3 +155,14 @@ def test_a_manifest_that_fails_the_checks_is_never_printed(capsys, monkeypatch):
     assert main(["k8s", "render", QUICKSTART, "--kind", "raycluster"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and "minReplicas" in err and "maxReplicas" in err
+
+
+def test_k8s_validate_checks_files_and_kustomize_folders(capsys, tmp_path):
+    assert main(["k8s", "validate", str(REPO / "k8s" / "overlays" / "dev"), str(REPO / "k8s" / "base" / "rayjob.yaml")]) == 0
+    assert capsys.readouterr().out.count("valid") == 2
+    assert main(["k8s", "render", QUICKSTART, "--kind", "raycluster"]) == 0
+    broken = yaml.safe_load(capsys.readouterr().out)
+    broken["spec"]["workerGroupSpecs"][0]["rayStartParam"] = {}  # a typo of rayStartParams
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
+    assert main(["k8s", "validate", str(tmp_path / "broken.yaml")]) == 1
+    assert "spec.workerGroupSpecs[0].rayStartParam: unknown field" in capsys.readouterr().out
