@@ -188,6 +188,12 @@ def test_token_auth_the_token_is_read_and_required(token_head, select_recipe, tm
     assert followed.returncode == 0 and f"Job {job_id} succeeded." in followed.stdout, followed.stderr
     assert (tmp_path / "run" / "select" / "_COMPLETE.json").exists()
 
+    # Unset RAY_AUTH_MODE: Ray's default token file is read and sent.
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text(TOKEN)
+    listed = domainsynth("jobs", "list", "--address", token_head.address, env=home)
+    assert listed.returncode == 0 and job_id in listed.stdout, listed.stderr
+    (tmp_path / ".ray" / "auth_token").unlink()
     no_token = domainsynth("jobs", "list", "--address", token_head.address, env=home)
     assert no_token.returncode == 1 and "requires a token and none was sent" in no_token.stderr
     wrong = domainsynth("jobs", "list", "--address", token_head.address, env={**home, "RAY_AUTH_TOKEN": "nope"})
