@@ -1,7 +1,7 @@
 """The cluster commands of the CLI: ``submit``, ``jobs list|status|logs|stop`` and ``k8s render|validate``.
 
-Exit status: 0 done (a submitted job: succeeded), 1 the cluster or the job failed, 2 a bad recipe or argument
-(found before anything is sent), 130 stopped waiting with Ctrl-C (the job goes on).
+Exit status: 0 done (a submitted job: succeeded), 1 the cluster or the job failed, 2 a bad recipe, argument or
+setting (found before anything is sent), 130 stopped waiting with Ctrl-C (the job goes on).
 """
 
 from __future__ import annotations
@@ -11,14 +11,14 @@ import os
 import sys
 from datetime import datetime
 
+import aiohttp
+import requests
 import yaml
 
 from ..pipelines.recipe import STAGE_ORDER, RecipeError, load_recipe
 from ..pipelines.rundir import StageError
 from ..pipelines.runner import preflight
-from . import k8s_render
 from . import submit as jobs_api
-from .k8s_validate import kustomize_build, validate_documents
 
 
 def run_cluster_command(args: argparse.Namespace) -> int:
@@ -28,15 +28,23 @@ def run_cluster_command(args: argparse.Namespace) -> int:
         if args.command == "submit":
             return submit_command(args)
         return jobs_command(args)
-    except (RecipeError, FileNotFoundError, ValueError, StageError) as e:
-        print(f"domainsynth: error: {e}", file=sys.stderr)
-        return 2
-    except jobs_api.SubmitError as e:
-        print(f"domainsynth: error: {e}", file=sys.stderr)
-        return 1
+    except (requests.RequestException, aiohttp.ClientError) as e:  # before ValueError: a bad JSON answer is one
+        return _error(f"the connection to the cluster failed: {e}", 1)
+    except (RecipeError, FileNotFoundError, ValueError, StageError, jobs_api.UsageError) as e:
+        return _error(str(e), 2)
+    except (jobs_api.SubmitError, RuntimeError, OSError) as e:  # RuntimeError: what the Jobs API client raises
+        return _error(str(e).strip(), 1)
+
+
+def _error(message: str, code: int) -> int:
+    print(f"domainsynth: error: {message}", file=sys.stderr)
+    return code
 
 
 def render_command(args: argparse.Namespace) -> int:
+    from . import k8s_render  # Serve and the CRDs load only for the k8s commands
+    from .k8s_validate import validate_documents
+
     rendered = k8s_render.render(load_recipe(args.recipe, args.overrides), args.kind, args.project_dir)
     errors = validate_documents(rendered.objects)
     if errors:  # never print a manifest the API server or the operator would refuse
@@ -50,6 +58,8 @@ def render_command(args: argparse.Namespace) -> int:
 
 
 def validate_command(args: argparse.Namespace) -> int:
+    from .k8s_validate import kustomize_build, validate_documents
+
     failed = False
     for path in args.paths:
         try:
@@ -75,9 +85,8 @@ def submit_command(args: argparse.Namespace) -> int:
     if not any(getattr(recipe, stage) for stage in STAGE_ORDER):
         raise RecipeError(f"{args.recipe}: no stage to run ({', '.join(STAGE_ORDER)})")
     preflight(recipe)  # a missing input or a broken template fails here, before anything is uploaded
-    client = jobs_api.connect(args.address)
+    client, address = jobs_api.connect(args.address)
     job_id = jobs_api.submit(client, recipe, args.recipe, args.job_id)
-    address = jobs_api.dashboard_address(args.address)
     print(f"Submitted job {job_id} to {address} (dashboard: {address}/#/jobs/{job_id})", flush=True)
     if args.no_wait:
         print(f"Follow it with: domainsynth jobs logs {job_id} --follow --address {address}")
@@ -102,24 +111,22 @@ def _wait_for(client, job_id: str, follow: bool) -> int:
 
 
 def jobs_command(args: argparse.Namespace) -> int:
-    client = jobs_api.connect(args.address)
+    client, _ = jobs_api.connect(args.address)
     action = args.jobs_command
-    try:
-        if action == "list":
-            print(_jobs_table(client.list_jobs()))
-        elif action == "status":
-            info = client.get_job_info(args.job_id)
-            print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
-        elif action == "logs" and args.follow:
-            jobs_api.follow_logs(client, args.job_id, _write)
-            return jobs_api.outcome(client, args.job_id)
-        elif action == "logs":
-            _write(client.get_job_logs(args.job_id))
-        else:
-            stopped = client.stop_job(args.job_id)
-            print(f"{args.job_id}: {'stop requested' if stopped else 'not running, nothing to stop'}")
-    except RuntimeError as e:  # the Jobs API's answer for an unknown job id, among others
-        raise jobs_api.SubmitError(str(e).strip()) from None
+    if action == "list":
+        print(_jobs_table(client.list_jobs()))
+    elif action == "status":
+        info = client.get_job_info(args.job_id)
+        print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+    elif action == "logs" and args.follow:
+        client.get_job_status(args.job_id)  # an unknown id gets the Jobs API's own message, not a websocket error
+        jobs_api.follow_logs(client, args.job_id, _write)
+        return jobs_api.outcome(client, args.job_id)
+    elif action == "logs":
+        _write(client.get_job_logs(args.job_id))
+    else:
+        stopped = client.stop_job(args.job_id)
+        print(f"{args.job_id}: {'stop requested' if stopped else 'not running, nothing to stop'}")
     return 0
 
 

@@ -9,6 +9,7 @@ as a ConfigMap holding the recipe (RayJob), the endpoint as ``serveConfigV2`` ru
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import posixpath
@@ -19,11 +20,12 @@ import yaml
 
 from ..actors.serve_app import DEPLOYMENT_NAME
 from ..pipelines.paths import is_uri
-from ..pipelines.recipe import STAGE_ORDER, GpuWorkerGroup, KubernetesConfig, PodResources, Recipe, map_local_paths
+from ..pipelines.recipe import (STAGE_ORDER, GpuWorkerGroup, KubernetesConfig, PodResources, Recipe, map_local_paths,
+                                travelling_recipe)
+from ..pipelines.serve import APP_BUILDER, autoscaling_config
 
 KINDS = ("rayjob", "rayservice", "raycluster")
 RECIPE_MOUNT = "/home/ray/recipe"
-SERVE_APP_BUILDER = "domainsynth.pipelines.serve:app_builder"
 DEFAULT_MAX_WORKERS = 4  # a group's ceiling when no pool of the recipe has a maximum
 
 
@@ -70,35 +72,63 @@ class _PodPaths:
 
     def __init__(self, k8s: KubernetesConfig, project_root: str):
         self.k8s, self.project_root, self.warnings = k8s, project_root, []
+        self.left_out = _dockerignore(project_root)
 
     def __call__(self, field_name: str, path: str) -> str:
-        volume = self.k8s.volume
-        if volume and (path + "/").startswith(volume.mount_path.rstrip("/") + "/"):
-            return path
-        relative = os.path.relpath(path, self.project_root)
-        if relative == ".." or relative.startswith(".." + os.sep):
+        """An input: where the pods find it, with a note when they will not."""
+        moved = self._in_pod(path)
+        if moved is None:
             self.warnings.append(f"{field_name}: {path} is outside the project ({self.project_root}) and not on "
                                  f"kubernetes.volume: the pods will look for it as it is; use a URI (s3://...), the "
                                  f"volume, or keep it in the project the image is built from")
             return path
-        return posixpath.join(self.k8s.project_dir, *relative.split(os.sep))
+        top = os.path.relpath(path, self.project_root).split(os.sep)[0]
+        if not self.on_volume(path) and any(fnmatch.fnmatch(top, pattern) for pattern in self.left_out):
+            self.warnings.append(f"{field_name}: {os.path.relpath(path, self.project_root)} is left out of the image "
+                                 f"by the project's .dockerignore: the pods find it only if the image makes it "
+                                 f"(k8s/Dockerfile makes models/tiny-llama and models/tiny-llama-4k); else use a URI "
+                                 f"or the volume")
+        return moved
 
     def run_dir(self, run_dir: str) -> str:
-        if is_uri(run_dir):
-            return run_dir
-        moved = self("run_dir", os.path.abspath(run_dir))
-        if not self.k8s.volume or moved != os.path.abspath(run_dir):
-            self.warnings.append(f"run_dir: {moved} is on each pod's own disk: Ray Data workers on other pods write "
-                                 f"their parts there and the results go with the pods; use a URI (s3://, gs://) or "
-                                 f"kubernetes.volume")
+        """The output: it must be shared by every pod, or the parts written on the others are lost."""
+        path = run_dir if is_uri(run_dir) else os.path.abspath(run_dir)
+        if is_uri(path) or self.on_volume(path):
+            return path
+        moved = self._in_pod(path) or path
+        self.warnings.append(f"run_dir: {moved} is on each pod's own disk: Ray Data workers on other pods write "
+                             f"their parts there and the results go with the pods; use a URI (s3://, gs://) or "
+                             f"kubernetes.volume")
         return moved
+
+    def on_volume(self, path: str) -> bool:
+        volume = self.k8s.volume
+        return bool(volume) and (path + "/").startswith(volume.mount_path.rstrip("/") + "/")
+
+    def _in_pod(self, path: str) -> str | None:
+        """The path on the volume, or in the image's copy of the project; None when it is in neither."""
+        if self.on_volume(path):
+            return path
+        relative = os.path.relpath(path, self.project_root)
+        if relative == ".." or relative.startswith(".." + os.sep):
+            return None
+        return posixpath.join(self.k8s.project_dir, *relative.split(os.sep))
+
+
+def _dockerignore(project_root: str) -> list[str]:
+    """The top-level patterns of the project's .dockerignore: what the image built from it does not hold."""
+    try:
+        with open(os.path.join(project_root, ".dockerignore"), encoding="utf-8") as f:
+            lines = [line.strip().strip("/") for line in f]
+    except OSError:
+        return []
+    return [line for line in lines if line and not line.startswith(("#", "!")) and "/" not in line]
 
 
 def pod_recipe(recipe: Recipe, paths: _PodPaths) -> dict:
     """The recipe as the job inside the cluster reads it: stages only (the job joins the cluster it runs in), paths
     rewritten to where the pods find them."""
-    raw = recipe.model_dump(mode="json", exclude_unset=True, exclude={"ray", "kubernetes", "serve"})
-    raw = map_local_paths(raw, paths)
+    raw = travelling_recipe(recipe, paths)
     if recipe.run_dir:
         raw["run_dir"] = paths.run_dir(recipe.run_dir)
     return raw
@@ -114,10 +144,15 @@ def _rayjob(recipe: Recipe, paths: _PodPaths) -> Rendered:
     head_pod = cluster["headGroupSpec"]["template"]["spec"]
     head_pod["volumes"].append({"name": "recipe", "configMap": {"name": recipe_map["metadata"]["name"]}})
     head_pod["containers"][0]["volumeMounts"].append({"name": "recipe", "mountPath": RECIPE_MOUNT})
+    # Tokenizers' threads do not survive the fork of Ray's worker processes; models downloaded from the Hub are
+    # kept on the shared volume, once for every pod and run. (RAY_ADDRESS is set by Ray's job manager: the job's
+    # `domainsynth run` joins this cluster.)
+    env_vars = {"TOKENIZERS_PARALLELISM": "false"}
+    if k8s.volume:
+        env_vars["HF_HOME"] = posixpath.join(k8s.volume.mount_path, "huggingface")
     spec = {
         "entrypoint": f"domainsynth run {RECIPE_MOUNT}/recipe.yaml",
-        # The job's own environment; RAY_ADDRESS is set by the job manager, so `domainsynth run` joins this cluster.
-        "runtimeEnvYAML": yaml.safe_dump({"env_vars": {"PYTHONUNBUFFERED": "1"}}, sort_keys=False),
+        "runtimeEnvYAML": yaml.safe_dump({"env_vars": env_vars}, sort_keys=False),
         "submissionMode": "K8sJobMode",
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": k8s.job.ttl_seconds_after_finished,
@@ -136,13 +171,12 @@ def _rayservice(recipe: Recipe, paths: _PodPaths) -> Rendered:
     args = map_local_paths({"serve": serve.model_dump(mode="json", exclude_unset=True)}, paths)["serve"]
     for key in ("host", "port", "app_name", "route_prefix"):  # set by the Serve config itself
         args.pop(key, None)
-    app = {"name": serve.app_name, "route_prefix": serve.route_prefix, "import_path": SERVE_APP_BUILDER,
-           "args": args}
+    app = {"name": serve.app_name, "route_prefix": serve.route_prefix, "import_path": APP_BUILDER, "args": args}
     if serve.backend == "domainsynth":
         # Serve's own autoscaling decides the replicas; the KubeRay autoscaler then adds pods for them.
         app["deployments"] = [{
             "name": DEPLOYMENT_NAME, "max_ongoing_requests": serve.max_ongoing_requests,
-            "autoscaling_config": serve.autoscaling.model_dump(exclude_none=True),
+            "autoscaling_config": autoscaling_config(serve),
             "ray_actor_options": {"num_cpus": serve.num_cpus, "num_gpus": serve.num_gpus}}]
     config = {"http_options": {"host": "0.0.0.0", "port": serve.port}, "applications": [app]}
     cluster = _cluster_spec(recipe, recipe.kubernetes, "serve")
@@ -153,7 +187,8 @@ def _rayservice(recipe: Recipe, paths: _PodPaths) -> Rendered:
         # may be absent (then no key is required).
         secret = {"name": f"{recipe.kubernetes.name}-api-key", "key": "key", "optional": True}
         for pod in _pods(cluster):
-            pod["containers"][0]["env"] = [{"name": serve.api_key_env, "valueFrom": {"secretKeyRef": secret}}]
+            pod["containers"][0].setdefault("env", []).append(
+                {"name": serve.api_key_env, "valueFrom": {"secretKeyRef": secret}})
     spec = {"serveConfigV2": yaml.safe_dump(config, sort_keys=False), "rayClusterConfig": cluster}
     return Rendered([_object("RayService", recipe.kubernetes, spec)], paths.warnings)
 
@@ -178,9 +213,10 @@ def _cluster_spec(recipe: Recipe, k8s: KubernetesConfig, workload: str) -> dict:
     gpu = k8s.gpu_workers
     if gpu is None and gpu_pools:
         gpu = GpuWorkerGroup()
-    groups = [_worker_group("cpu", k8s, k8s.cpu_workers, _ceiling(cpu_pools, _cpus(k8s.cpu_workers.cpu)))]
+    image = k8s.image or f"domainsynth:0.1.0-{'cpu' if gpu is None else 'gpu'}"  # the tags k8s/Dockerfile builds
+    groups = [_worker_group("cpu", k8s, image, k8s.cpu_workers, _ceiling(cpu_pools, _cpus(k8s.cpu_workers.cpu)))]
     if gpu is not None:
-        group = _worker_group("gpu", k8s, gpu, _ceiling(gpu_pools, gpu.gpus))
+        group = _worker_group("gpu", k8s, image, gpu, _ceiling(gpu_pools, gpu.gpus))
         container = group["template"]["spec"]["containers"][0]
         for amounts in container["resources"].values():  # KubeRay turns the limit into Ray's num-gpus
             amounts["nvidia.com/gpu"] = str(gpu.gpus)
@@ -191,7 +227,7 @@ def _cluster_spec(recipe: Recipe, k8s: KubernetesConfig, workload: str) -> dict:
             # Lets the autoscaler start this group from zero for tasks that ask for this accelerator.
             group["resources"] = {f"accelerator_type:{gpu.accelerator_type}": "1"}
         groups.append(group)
-    head_container = _container("ray-head", k8s, k8s.head)
+    head_container = _container("ray-head", k8s, image, k8s.head)
     head_container["ports"] = [{"name": "gcs", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
                                {"name": "client", "containerPort": 10001}]
     spec = {
@@ -212,17 +248,19 @@ def _pods(cluster: dict) -> list[dict]:
     return [g["template"]["spec"] for g in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"])]
 
 
-def _worker_group(name: str, k8s: KubernetesConfig, group, ceiling: int) -> dict:
+def _worker_group(name: str, k8s: KubernetesConfig, image: str, group, ceiling: int) -> dict:
     maximum = group.max_replicas or max(ceiling, group.min_replicas, 1)
+    pod = _pod_spec(k8s, _container("ray-worker", k8s, image, group))
+    if group.node_selector:
+        pod["nodeSelector"] = dict(group.node_selector)
     return {"groupName": name, "replicas": group.min_replicas, "minReplicas": group.min_replicas,
-            "maxReplicas": maximum, "rayStartParams": {},
-            "template": {"spec": _pod_spec(k8s, _container("ray-worker", k8s, group))}}
+            "maxReplicas": maximum, "rayStartParams": {}, "template": {"spec": pod}}
 
 
-def _container(name: str, k8s: KubernetesConfig, resources: PodResources) -> dict:
+def _container(name: str, k8s: KubernetesConfig, image: str, resources: PodResources) -> dict:
     # Requests = limits: Ray sizes its node from the limits, and the scheduler then guarantees them.
     amounts = {"cpu": resources.cpu, "memory": resources.memory}
-    return {"name": name, "image": k8s.image, "imagePullPolicy": k8s.image_pull_policy,
+    return {"name": name, "image": image, "imagePullPolicy": k8s.image_pull_policy,
             "resources": {"requests": dict(amounts), "limits": dict(amounts)}, "volumeMounts": []}
 
 

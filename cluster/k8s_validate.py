@@ -30,13 +30,14 @@ import yaml
 from jsonschema import Draft4Validator
 from pydantic import BaseModel, ValidationError
 
+from ..pipelines.serve import APP_BUILDER as SERVE_APP_BUILDER
+
 CRD_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "k8s", "crds")
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml.gz", "RayJob": "ray.io_rayjobs.yaml.gz",
              "RayService": "ray.io_rayservices.yaml.gz"}
 RAY_API_VERSION = "ray.io/v1"
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 UPGRADE_TYPES = ("NewClusterWithIncrementalUpgrade", "NewCluster", "None")
-SERVE_APP_BUILDER = "domainsynth.pipelines.serve:app_builder"
 
 
 # --- the public API -----------------------------------------------------------------------------------------------

@@ -5,14 +5,14 @@ becomes the job's ``working_dir``: Ray uploads it to the cluster and unpacks it 
 ``domainsynth run recipe.yaml`` there. URIs (s3://, gs://) and Hugging Face ids travel as they are.
 
 Authentication follows Ray's token auth: with ``RAY_AUTH_MODE=token`` a token is required (``RAY_AUTH_TOKEN``,
-the file named by ``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``); with ``RAY_AUTH_MODE=disabled`` none is sent;
-unset, a token is sent when one is found, and a cluster that wants one and gets none is reported as such.
+the file named by ``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``) and sent; otherwise none is sent (as Ray's
+own clients do: a token found on disk does not go to whatever address is given), and a cluster that wants one is
+reported as such.
 """
 
 from __future__ import annotations
 
 import asyncio
-import glob
 import os
 import re
 import shutil
@@ -21,11 +21,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import pyarrow.fs as pafs
 import requests
 import yaml
 
-from ..pipelines.paths import is_uri
-from ..pipelines.recipe import Recipe, map_local_paths
+from ..pipelines.paths import glob_base, glob_matches, is_glob, is_uri
+from ..pipelines.recipe import Recipe, travelling_recipe
 
 # The dashboard refuses request bodies above this (ray_constants.DASHBOARD_CLIENT_MAX_SIZE): the zipped working_dir.
 UPLOAD_LIMIT_BYTES = 100 * 1024**2
@@ -38,18 +39,22 @@ class SubmitError(Exception):
     """The submission cannot go ahead; the message says why and what to do."""
 
 
+class UsageError(SubmitError):
+    """An argument or a setting of this machine is wrong (found before anything is sent)."""
+
+
 # --- where the cluster is and how to talk to it -------------------------------------------------------------------
 
 def dashboard_address(given: str | None) -> str:
     """The Jobs API address: --address, else RAY_API_SERVER_ADDRESS or RAY_ADDRESS (as Ray's own CLI reads them)."""
     address = given or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
-        raise SubmitError(f"give --address http://HEAD:8265 (the Ray dashboard; {PORT_FORWARD_HINT}), or set "
+        raise UsageError(f"give --address http://HEAD:8265 (the Ray dashboard; {PORT_FORWARD_HINT}), or set "
                           f"RAY_API_SERVER_ADDRESS")
     if "://" not in address:
         address = "http://" + address
     if not address.startswith(("http://", "https://")):
-        raise SubmitError(f"--address {address}: expected the dashboard's HTTP address such as http://HEAD:8265 "
+        raise UsageError(f"--address {address}: expected the dashboard's HTTP address such as http://HEAD:8265 "
                           f"(ray:// is Ray Client's address, not the Jobs API's)")
     return address.rstrip("/")
 
@@ -57,15 +62,15 @@ def dashboard_address(given: str | None) -> str:
 def auth_headers() -> dict[str, str]:
     mode = os.environ.get("RAY_AUTH_MODE", "").strip().lower()
     if mode not in ("", "token", "disabled"):
-        raise SubmitError(f"RAY_AUTH_MODE={mode!r}: expected token or disabled")
-    if mode == "disabled":
+        raise UsageError(f"RAY_AUTH_MODE={mode!r}: expected token or disabled")
+    if mode != "token":
         return {}
     token = _read_token()
-    if mode == "token" and not token:
-        raise SubmitError("RAY_AUTH_MODE=token but no token was found: set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH "
-                          "to a file holding it, or write it to ~/.ray/auth_token (on a KubeRay cluster it is in "
-                          "a Secret; see docs/kubernetes.md)")
-    return {"Authorization": f"Bearer {token}"} if token else {}
+    if not token:
+        raise UsageError("RAY_AUTH_MODE=token but no token was found: set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH "
+                         "to a file holding it, or write it to ~/.ray/auth_token (on a KubeRay cluster it is in a "
+                         "Secret; see docs/kubernetes.md)")
+    return {"Authorization": f"Bearer {token}"}
 
 
 def _read_token() -> str | None:
@@ -78,12 +83,12 @@ def _read_token() -> str | None:
         return path.read_text().strip() or None
     except OSError:
         if named:
-            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={named}: cannot read the token there") from None
+            raise UsageError(f"RAY_AUTH_TOKEN_PATH={named}: cannot read the token there") from None
         return None
 
 
 def connect(address: str | None):
-    """A JobSubmissionClient for the cluster, after a quick check (seconds, not minutes) that the dashboard
+    """(JobSubmissionClient, the dashboard's URL), after a quick check (seconds, not minutes) that the dashboard
     answers and accepts our credentials."""
     from ray.job_submission import JobSubmissionClient
 
@@ -103,14 +108,29 @@ def connect(address: str | None):
                           f"~/.ray/auth_token")
     if not probe.ok:
         raise SubmitError(f"{url} answered HTTP {probe.status_code}: is it a Ray dashboard (port 8265)?")
-    return JobSubmissionClient(url, headers=headers)
+    return JobSubmissionClient(url, headers=headers), url
 
 
 # --- the working directory that carries the recipe ----------------------------------------------------------------
 
 def stage(recipe: Recipe, into: str, echo: Callable[[str], None] = print) -> str:
     """Write ``into/recipe.yaml`` with every local input copied under ``into/inputs``; returns the recipe's name
-    there. ``run_dir`` stays where it is (a URI, or a local path the cluster's machines write to)."""
+    there. Inputs are measured before anything is copied. ``run_dir`` stays where it is (a URI, or a local path the
+    cluster's machines write to)."""
+    sizes: dict[str, int] = {}
+
+    def measure(field: str, path: str) -> str:
+        sizes.setdefault(path, _input_bytes(path))
+        return path
+
+    travelling_recipe(recipe, measure)
+    total = sum(sizes.values())
+    if total > UPLOAD_LIMIT_BYTES:
+        largest = sorted(sizes, key=sizes.get, reverse=True)[:3]
+        raise SubmitError(f"the recipe's local inputs come to {_size(total)}; the Ray Jobs API uploads at most "
+                          f"{_size(UPLOAD_LIMIT_BYTES)}: put the big ones ("
+                          + ", ".join(f"{p} {_size(sizes[p])}" for p in largest) + ") on s3:// or gs://")
+
     staged: dict[str, str] = {}
 
     def copy(field: str, path: str) -> str:
@@ -118,43 +138,45 @@ def stage(recipe: Recipe, into: str, echo: Callable[[str], None] = print) -> str
             staged[path] = _copy_input(path, os.path.join(into, "inputs", str(len(staged))))
         return "./" + os.path.relpath(staged[path], into)
 
-    raw = recipe.model_dump(mode="json", exclude_unset=True, exclude={"ray", "kubernetes", "serve"})
-    raw = map_local_paths(raw, copy)
+    raw = travelling_recipe(recipe, copy)
     if recipe.run_dir and not is_uri(recipe.run_dir):
         raw["run_dir"] = os.path.abspath(recipe.run_dir)
         echo(f"run_dir {raw['run_dir']} is a local path: the job writes it on the cluster's machines (right for a "
              f"local cluster or a volume they share; use s3://... or gs://... for a remote one)")
-    size = _tree_bytes(into)
-    if size > UPLOAD_LIMIT_BYTES:
-        largest = sorted(staged, key=lambda p: _tree_bytes(staged[p]), reverse=True)[:3]
-        named = ", ".join(f"{p} {_size(_tree_bytes(staged[p]))}" for p in largest)
-        raise SubmitError(f"the recipe's local inputs come to {_size(size)}; the Ray Jobs API uploads at most "
-                          f"{_size(UPLOAD_LIMIT_BYTES)}: put the big ones ({named}) on s3:// or gs://, or on a volume "
-                          f"the cluster mounts")
     with open(os.path.join(into, "recipe.yaml"), "w", encoding="utf-8") as f:
         yaml.safe_dump(raw, f, sort_keys=False)
     return "recipe.yaml"
 
 
+# Ray's packaging of a working_dir honours these files: copied along, they could leave inputs out of the upload.
+_RAY_IGNORE_FILES = shutil.ignore_patterns(".gitignore", ".rayignore")
+
+
 def _copy_input(path: str, slot: str) -> str:
-    """Copy a file, a folder or a glob's matches into ``slot``; the path that now names the same input."""
-    if glob.has_magic(path):
-        base = _glob_base(path)
-        for match in glob.glob(path, recursive=True):
+    """Copy a file, a folder or a glob's matches (as the stages expand it) into ``slot``; the path that now names
+    the same input."""
+    if is_glob(path):
+        base = glob_base(path)
+        for match in glob_matches(pafs.LocalFileSystem(), path):
             target = os.path.join(slot, os.path.relpath(match, base))
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            (shutil.copytree if os.path.isdir(match) else shutil.copy2)(match, target)
+            shutil.copy2(match, target)
         return os.path.join(slot, os.path.relpath(path, base))
     target = os.path.join(slot, os.path.basename(path.rstrip("/")))
     os.makedirs(slot, exist_ok=True)
-    (shutil.copytree if os.path.isdir(path) else shutil.copy2)(path, target)
+    if os.path.isdir(path):
+        shutil.copytree(path, target, ignore=_RAY_IGNORE_FILES)
+    else:
+        shutil.copy2(path, target)
     return target
 
 
-def _glob_base(pattern: str) -> str:
-    """The folders of a glob before its first wildcard: data/*/x.jsonl -> data."""
-    parts = Path(pattern).parts
-    return str(Path(*parts[:next(i for i, p in enumerate(parts) if glob.has_magic(p))]))
+def _input_bytes(path: str) -> int:
+    if is_glob(path):
+        return sum(os.path.getsize(m) for m in glob_matches(pafs.LocalFileSystem(), path))
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
 def _size(n: int) -> str:
@@ -162,12 +184,6 @@ def _size(n: int) -> str:
         if n >= 1024**power:
             return f"{n / 1024**power:,.1f} {unit}"
     return f"{n:,} B"
-
-
-def _tree_bytes(path: str) -> int:
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
 # --- submitting and following -------------------------------------------------------------------------------------
@@ -178,20 +194,23 @@ def submit(client, recipe: Recipe, recipe_path: str, job_id: str | None = None,
         name = stage(recipe, staging, echo)
         try:
             return client.submit_job(
-                entrypoint=f"domainsynth run {name}", submission_id=job_id,
-                runtime_env={"working_dir": staging, "env_vars": {"PYTHONUNBUFFERED": "1"}},
+                entrypoint=f"domainsynth run {name}", submission_id=job_id, runtime_env={"working_dir": staging},
                 metadata={"domainsynth_recipe": os.path.basename(recipe_path)})
         except (RuntimeError, ValueError) as e:  # the upload refused, a job id already taken
             raise SubmitError(f"the cluster refused the job: {e}") from None
 
 
 def follow_logs(client, job_id: str, write: Callable[[str], None]) -> None:
-    """Print the job's logs as they come, until it ends."""
+    """Print the job's logs as they come, until it ends (should the stream close before, e.g. a proxy's idle
+    timeout, wait for the end without them)."""
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
             write(chunk)
 
     asyncio.run(tail())
+    if str(client.get_job_status(job_id).value) not in TERMINAL:
+        write("(the log stream closed; waiting for the job to end)\n")
+        wait(client, job_id, echo=lambda line: write(line + "\n"))
 
 
 def wait(client, job_id: str, echo: Callable[[str], None] = print, poll_s: float = 2.0) -> str:

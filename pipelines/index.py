@@ -22,7 +22,7 @@ from ..actors.vector_index import (ExactNeighbours, IndexPlan, calibrate, faiss_
                                    save_index, set_search_parameters, to_gpus)
 from . import corpus
 from .recipe import IndexConfig
-from .resources import cluster_gpus, largest_node_cpus
+from .resources import gpus_up, largest_node_cpus
 from .report import markdown_table, write_report
 from .rundir import StageDir, StageError
 
@@ -133,10 +133,11 @@ def build_index(data_uri: str, shards: list[tuple[str, int]], plan: IndexPlan, c
 
 
 def wants_gpu(setting: bool | None, plan: IndexPlan) -> bool:
-    """Ask Ray for a GPU when the recipe says so, or (unset) when the cluster has one and the kind can use it."""
+    """Ask Ray for a GPU when the recipe says so, or (unset) when a node up now has one and the kind can use it (not
+    one the autoscaler could start: a GPU pod for a faiss build is not worth its cost unless asked for)."""
     if setting is not None:
         return setting and plan.gpu_capable
-    return plan.gpu_capable and cluster_gpus() >= 1
+    return plan.gpu_capable and gpus_up() >= 1
 
 
 def embed_output(stage: StageDir) -> tuple[dict, str]:

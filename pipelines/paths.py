@@ -65,13 +65,24 @@ def expand_inputs(specs: list[str], suffixes: tuple[str, ...]) -> tuple[pafs.Fil
     return filesystem, [InputFile(path=f, key=posixpath.relpath(f, root) if root else f) for f in files]
 
 
+def is_glob(path: str) -> bool:
+    return any(c in GLOB_CHARS for c in path)
+
+
+def glob_base(pattern: str) -> str:
+    """The folders of a glob before its first wildcard: data/*/x.jsonl -> data."""
+    parts = pattern.split("/")
+    return "/".join(parts[:next(i for i, p in enumerate(parts) if is_glob(p))]) or "/"
+
+
+def glob_matches(fs: pafs.FileSystem, pattern: str) -> list[str]:
+    """The files a glob names, as the stages read them: ``*`` crosses folders, hidden and ``_`` files are skipped."""
+    return [c for c in _list_files(fs, glob_base(pattern)) if fnmatch.fnmatch(c, pattern)]
+
+
 def _expand_one(fs: pafs.FileSystem, path: str, suffixes: tuple[str, ...]) -> list[str]:
-    if any(c in GLOB_CHARS for c in path):
-        parts = path.split("/")
-        first_glob = next(i for i, p in enumerate(parts) if any(c in GLOB_CHARS for c in p))
-        base = "/".join(parts[:first_glob]) or "/"
-        candidates = _list_files(fs, base)
-        return [c for c in candidates if fnmatch.fnmatch(c, path)]
+    if is_glob(path):
+        return glob_matches(fs, path)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         return [path]

@@ -12,7 +12,8 @@ import os
 from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from ..actors.engines import ENGINE_KINDS, SamplingParams
 from .paths import is_uri
@@ -459,8 +460,14 @@ Quantity = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, (int
 K8sName = Annotated[str, Field(pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$", max_length=47)]  # KubeRay: RayJob/RayService names
 
 
+def _positive_cpus(value: str) -> str:
+    if float(value.rstrip("m")) <= 0:
+        raise ValueError("expected more than 0 CPUs")
+    return value
+
+
 CpuQuantity = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, (int, float)) else v),
-                        Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$")]
+                        Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$"), AfterValidator(_positive_cpus)]
 
 
 class PodResources(Strict):
@@ -479,6 +486,8 @@ class WorkerGroup(PodResources):
                                                    "demand).")
     max_replicas: Optional[int] = Field(None, ge=1, description="Most pods; null = enough for the recipe's largest "
                                                                 "pool (4 when no pool has a maximum).")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the group's pods need, e.g. "
+                                          "{nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}.")
 
     @model_validator(mode="after")
     def _min_below_max(self) -> "WorkerGroup":
@@ -492,7 +501,9 @@ class GpuWorkerGroup(WorkerGroup):
     memory: Quantity = "64Gi"
     gpus: int = Field(1, ge=1, description="nvidia.com/gpu per pod.")
     accelerator_type: Optional[str] = Field(None, description="Ray accelerator type of the GPUs (H100, A100, L4): "
-                                            "a node label and selector, so tasks asking for it land there.")
+                                            "the group offers Ray resource accelerator_type:TYPE, so the autoscaler "
+                                            "can start it from zero for work asking for one. Which nodes the pods "
+                                            "land on is node_selector's business.")
 
 
 class VolumeConfig(Strict):
@@ -512,7 +523,9 @@ class KubernetesConfig(Strict):
     """What ``domainsynth k8s render`` puts in KubeRay manifests (see docs/kubernetes.md)."""
     name: K8sName = Field("domainsynth", description="Name of the RayCluster / RayJob / RayService.")
     namespace: Optional[K8sName] = Field(None, description="Namespace; null = kubectl's current one.")
-    image: str = Field("domainsynth:0.1.0", description="Image with domainsynth installed (k8s/Dockerfile).")
+    image: Optional[str] = Field(None, description="Image with domainsynth installed; null = the tags k8s/Dockerfile "
+                                 "builds: domainsynth:0.1.0-gpu when a GPU group is rendered, else "
+                                 "domainsynth:0.1.0-cpu.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     project_dir: str = Field("/home/ray/domainsynth", pattern=r"^/", description="Where the image holds the project: "
                              "local paths of the recipe inside the current directory are found there.")
@@ -610,53 +623,51 @@ def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> d
 
 
 def _resolve_relative(raw: dict, base_dir: str) -> dict:
-    for stage, fields in _INPUT_PATH_FIELDS.items():
-        section = _section(raw, stage)
-        if not isinstance(section, dict):
-            continue
-        for name in fields:
-            value = section.get(name)
-            if isinstance(value, str):
-                section[name] = _absolute(value, base_dir)
-            elif isinstance(value, list):
-                section[name] = [_absolute(v, base_dir) if isinstance(v, str) else v for v in value]
-    for stage, name in _MODEL_FIELDS.items():
-        section = _section(raw, stage)
-        if isinstance(section, dict) and isinstance(section.get(name), str):
-            local = _absolute(section[name], base_dir)
-            if section[name].startswith(("./", "../", "~")) or os.path.exists(local):
-                section[name] = local
-    serve = raw.get("serve")
-    if isinstance(serve, dict) and isinstance(serve.get("soft_prompts"), dict):
-        serve["soft_prompts"] = {k: _absolute(v, base_dir) if isinstance(v, str) else v
-                                 for k, v in serve["soft_prompts"].items()}
-    return raw
+    """Relative paths against the recipe's folder; a model name only when it is a folder there (or starts with ./,
+    ../ or ~), since otherwise it is a Hugging Face id."""
+    def resolve(field: str, value: str, is_model: bool) -> str:
+        local = _absolute(value, base_dir)
+        return local if not is_model or value.startswith(("./", "../", "~")) or os.path.exists(local) else value
+
+    return _map_paths(raw, resolve)
 
 
 def map_local_paths(raw: dict, move: Callable[[str, str], str]) -> dict:
     """Replace every local path of a resolved recipe mapping (inputs, model folders, soft prompts) by
-    ``move(field, path)``, in place; URIs and Hugging Face ids stay. This is how a recipe travels to a cluster."""
-    def local(value) -> bool:
-        return isinstance(value, str) and not is_uri(value) and os.path.isabs(value)
+    ``move(field, path)``, in place; URIs and Hugging Face ids stay."""
+    return _map_paths(raw, lambda field, value, is_model: move(field, value)
+                      if not is_uri(value) and os.path.isabs(value) else value)
 
-    def visit(section, name: str, field: str) -> None:
+
+def travelling_recipe(recipe: Recipe, move: Callable[[str, str], str]) -> dict:
+    """How a recipe goes to a cluster (a submitted job's working_dir, a RayJob's ConfigMap): its stages as set, every
+    local path replaced by ``move(field, path)``. The job joins the cluster it runs in (no ``ray``); ``kubernetes``
+    and ``serve`` are not the job's."""
+    raw = recipe.model_dump(mode="json", exclude_unset=True, exclude={"ray", "kubernetes", "serve"})
+    return map_local_paths(raw, move)
+
+
+def _map_paths(raw: dict, fn: Callable[[str, str, bool], str]) -> dict:
+    """``fn(field, path, is_model)`` on every path a recipe mapping holds (one string or a list), in place."""
+    def fields():
+        for stage, names in _INPUT_PATH_FIELDS.items():
+            section = _section(raw, stage)
+            for name in names if isinstance(section, dict) else ():
+                yield section, name, f"{stage}.{name}", False
+        for stage, name in _MODEL_FIELDS.items():
+            section = _section(raw, stage)
+            if isinstance(section, dict):
+                yield section, name, f"{stage}.{name}", True
+        soft_prompts = _section(raw, "serve.soft_prompts")
+        for name in soft_prompts if isinstance(soft_prompts, dict) else ():
+            yield soft_prompts, name, f"serve.soft_prompts.{name}", False
+
+    for section, name, field, is_model in list(fields()):
         value = section.get(name)
-        if local(value):
-            section[name] = move(field, value)
-        elif isinstance(value, list):
-            section[name] = [move(field, v) if local(v) else v for v in value]
-
-    for stage, fields in _INPUT_PATH_FIELDS.items():
-        section = _section(raw, stage)
-        for name in fields if isinstance(section, dict) else ():
-            visit(section, name, f"{stage}.{name}")
-    for stage, name in _MODEL_FIELDS.items():
-        section = _section(raw, stage)
-        if isinstance(section, dict):
-            visit(section, name, f"{stage}.{name}")
-    soft_prompts = _section(raw, "serve.soft_prompts")
-    for name in soft_prompts if isinstance(soft_prompts, dict) else ():
-        visit(soft_prompts, name, f"serve.soft_prompts.{name}")
+        if isinstance(value, str):
+            section[name] = fn(field, value, is_model)
+        elif isinstance(value, list) and not is_model:
+            section[name] = [fn(field, v, is_model) if isinstance(v, str) else v for v in value]
     return raw
 
 

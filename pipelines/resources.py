@@ -19,7 +19,12 @@ def cluster_cpus() -> int:
 
 
 def cluster_gpus() -> float:
-    return max(ray.cluster_resources().get("GPU", 0), _ceiling("GPU"))
+    return max(gpus_up(), _ceiling("GPU"))
+
+
+def gpus_up() -> float:
+    """GPUs on the nodes up now: for work that would use a GPU if one is there, but must not start a GPU pod."""
+    return ray.cluster_resources().get("GPU", 0)
 
 
 def largest_node_cpus() -> int:
@@ -37,24 +42,37 @@ def _node_groups(resource: str) -> list:
     return [g for g in groups if resource == "GPU" or not g.resources.get("GPU", 0)]
 
 
+# KubeRay's default maxReplicas (the CRD's int32 maximum) means "no maximum", like the autoscaler's own -1.
+UNBOUNDED_NODES = 2**31 - 1
+
+
 def _ceiling(resource: str) -> float:
-    """The most of ``resource`` the autoscaler may provide (0 without an autoscaler). A group without a maximum
-    makes the ceiling unknowable: then only what is up counts, rather than pools sized for infinity."""
+    """The most of ``resource`` the autoscaler may provide (0 without an autoscaler), within the cluster's own
+    ``max_resources``. A group without a maximum makes the ceiling unknowable: then only what is up counts, rather
+    than pools sized for infinity."""
     total = 0.0
     for group in _node_groups(resource):
         per_node = group.resources.get(resource, 0)
-        if per_node and group.max_count == -1:
+        if per_node and (group.max_count < 0 or group.max_count >= UNBOUNDED_NODES):
             return 0.0
-        total += per_node * max(group.max_count, 0)
-    return total
+        total += per_node * group.max_count
+    config = _cluster_config()
+    cap = config.max_resources.get(resource, 0) if config is not None else 0
+    return min(total, cap) if cap else total
+
+
+_warned = False
 
 
 def _cluster_config():
     # What Ray Train and Ray Data read for the same purpose (ray/_private/state.py); private, so a Ray that moved
     # it leaves us with what is up now instead of failing the stage.
+    global _warned
     try:
         return ray._private.state.state.get_cluster_config()
     except Exception as e:  # noqa: BLE001 - any failure means "no autoscaler we can read"
-        print(f"note: cannot read the autoscaler's node groups ({e}); sizing pools from the nodes up now",
-              file=sys.stderr)
+        if not _warned:
+            print(f"note: cannot read the autoscaler's node groups ({e}); sizing pools from the nodes up now",
+                  file=sys.stderr)
+            _warned = True
         return None

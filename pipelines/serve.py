@@ -9,6 +9,10 @@ import os
 from .recipe import ServeConfig
 
 
+# What a Serve config file (a RayService's serveConfigV2) names to build the endpoint: see app_builder below.
+APP_BUILDER = "domainsynth.pipelines.serve:app_builder"
+
+
 def served_model_name(cfg: ServeConfig) -> str:
     return cfg.served_model_name or os.path.basename(cfg.model.rstrip("/"))
 

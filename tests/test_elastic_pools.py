@@ -56,6 +56,18 @@ def test_gpu_pools_are_planned_for_the_gpu_group_that_is_still_at_zero_pods(auto
     assert (low, high, cpus_each) == (2, 6, 1.0)  # the actors' demand is what makes the autoscaler add GPU pods
 
 
-def test_a_group_without_a_maximum_does_not_size_pools_for_infinity(autoscaler):
-    autoscaler(published(("cpu-workers", {"CPU": 8}, -1)))
+@pytest.mark.parametrize("most", [-1, 2**31 - 1])  # the autoscaler's "no maximum", and KubeRay's default maxReplicas
+def test_a_group_without_a_maximum_does_not_size_pools_for_infinity(autoscaler, most):
+    autoscaler(published(("cpu-workers", {"CPU": 8}, most)))
     assert resources.cluster_cpus() == 2
+
+
+def test_an_index_uses_a_gpu_only_when_one_is_up(autoscaler):
+    """A GPU group the autoscaler could start does not make the faiss build ask for a GPU (and so start a pod)."""
+    from domainsynth.actors.vector_index import IndexPlan
+    from domainsynth.pipelines.index import wants_gpu
+
+    autoscaler(published(("gpu-workers", {"CPU": 8, "GPU": 1}, 2)))
+    assert resources.cluster_gpus() == 2 and resources.gpus_up() == 0
+    plan = IndexPlan(kind="flat", dim=384)
+    assert wants_gpu(None, plan) is False and wants_gpu(True, plan) is True

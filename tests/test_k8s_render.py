@@ -19,6 +19,12 @@ QUICKSTART = str(REPO / "examples" / "quickstart.yaml")
 GENERATOR = str(REPO / "examples" / "generator.yaml")
 
 
+@pytest.fixture(autouse=True)
+def in_the_repository(monkeypatch):
+    """The example recipes' run_dir is relative to the current directory, as for `domainsynth run`."""
+    monkeypatch.chdir(REPO)
+
+
 def render(capsys, recipe: str, kind: str, *sets: str) -> tuple[list[dict], str]:
     code = main(["k8s", "render", recipe, "--kind", kind, "--project-dir", str(REPO),
                  *[arg for s in sets for arg in ("--set", s)]])
@@ -49,7 +55,7 @@ def test_rayjob_carries_the_recipe_the_image_and_the_job_settings(capsys):
     assert spec["entrypoint"] == "domainsynth run /home/ray/recipe/recipe.yaml"
     assert (spec["shutdownAfterJobFinishes"], spec["ttlSecondsAfterFinished"], spec["backoffLimit"],
             spec["activeDeadlineSeconds"], spec["submissionMode"]) == (True, 600, 2, 7200, "K8sJobMode")
-    assert yaml.safe_load(spec["runtimeEnvYAML"]) == {"env_vars": {"PYTHONUNBUFFERED": "1"}}
+    assert yaml.safe_load(spec["runtimeEnvYAML"]) == {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
     assert job["metadata"]["namespace"] == config_map["metadata"]["namespace"] == "research"
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     assert head["containers"][0]["image"] == "registry.example/ds:1.2"
@@ -60,8 +66,10 @@ def test_rayjob_carries_the_recipe_the_image_and_the_job_settings(capsys):
     assert recipe.select.in_domain == ["/home/ray/domainsynth/examples/data/medical_in_domain.jsonl"]
     assert recipe.synthesize.model == "/home/ray/domainsynth/models/tiny-llama-4k"
     assert recipe.embed.model == "all-MiniLM-L6-v2" and "kubernetes" not in raw and "ray" not in raw
-    # run_dir on a pod's own disk works only for one pod: said on stderr, not hidden.
+    # run_dir on a pod's own disk works only for one pod, and models/ is not in the build context: said on
+    # stderr, not hidden.
     assert "run_dir: /home/ray/domainsynth/runs/quickstart is on each pod's own disk" in notes
+    assert "synthesize.model: models/tiny-llama-4k is left out of the image by the project's .dockerignore" in notes
 
 
 def test_a_cpu_recipe_gets_no_gpu_group_and_a_gpu_recipe_gets_one_sized_from_its_pools(capsys):
@@ -69,6 +77,8 @@ def test_a_cpu_recipe_gets_no_gpu_group_and_a_gpu_recipe_gets_one_sized_from_its
                         "kubernetes.cpu_workers.cpu=8", "kubernetes.cpu_workers.memory=32Gi")
     spec = objects[0]["spec"]
     assert list(groups(spec)) == ["cpu"]
+    assert {c["image"] for g in (spec["headGroupSpec"], *spec["workerGroupSpecs"])
+            for c in g["template"]["spec"]["containers"]} == {"domainsynth:0.1.0-cpu"}
     cpu = groups(spec)["cpu"]
     assert (cpu["minReplicas"], cpu["maxReplicas"]) == (0, 6)
     assert cpu["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "8", "memory": "32Gi"}
@@ -78,13 +88,16 @@ def test_a_cpu_recipe_gets_no_gpu_group_and_a_gpu_recipe_gets_one_sized_from_its
     # vLLM on 1 GPU per engine, 3 engines at most, 2 GPUs per pod: the GPU group may grow to 2 pods.
     objects, _ = render(capsys, QUICKSTART, "raycluster", "synthesize.engine=vllm", "synthesize.num_gpus=1",
                         "synthesize.concurrency=[1, 3]", "kubernetes.gpu_workers.gpus=2",
-                        "kubernetes.gpu_workers.accelerator_type=H100")
+                        "kubernetes.gpu_workers.accelerator_type=H100",
+                        "kubernetes.gpu_workers.node_selector={nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}")
     gpu = groups(objects[0]["spec"])["gpu"]
     pod = gpu["template"]["spec"]
     assert (gpu["minReplicas"], gpu["maxReplicas"]) == (0, 2)
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert pod["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == "2"
     assert gpu["resources"] == {"accelerator_type:H100": "1"}
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["containers"][0]["image"] == "domainsynth:0.1.0-gpu"  # a GPU group: the GPU build of the image
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
 
 
@@ -139,6 +152,8 @@ def test_bad_requests_fail_before_anything_is_printed(capsys, tmp_path):
     assert main(["k8s", "render", QUICKSTART, "--kind", "raycluster",
                  "--set", "kubernetes.cpu_workers.min_replicas=5", "--set", "kubernetes.cpu_workers.max_replicas=2"]) == 2
     assert "min_replicas (5) is above max_replicas (2)" in capsys.readouterr().err
+    assert main(["k8s", "render", QUICKSTART, "--kind", "raycluster", "--set", "kubernetes.head.cpu=0"]) == 2
+    assert "kubernetes.head.cpu: Value error, expected more than 0 CPUs" in capsys.readouterr().err
 
 
 def test_a_manifest_that_fails_the_checks_is_never_printed(capsys, monkeypatch):

@@ -162,6 +162,9 @@ def test_the_job_reads_the_uploaded_copy_of_its_inputs(open_head, tmp_path):
 
     data = tmp_path / "data"
     shutil.copytree(REPO / "examples" / "data", data)
+    # A corpus folder kept out of git (a common .gitignore): Ray's packaging honours .gitignore files, so a copied
+    # one would leave the corpus out of the upload.
+    (data / "corpus" / ".gitignore").write_text("*\n!.gitignore\n")
     recipe = tmp_path / "select.yaml"
     recipe.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "select": {
         "in_domain": "data/medical_in_domain.jsonl", "corpus": "data/corpus", "keep_fraction": 0.12}}))
@@ -188,24 +191,27 @@ def test_token_auth_the_token_is_read_and_required(token_head, select_recipe, tm
     assert followed.returncode == 0 and f"Job {job_id} succeeded." in followed.stdout, followed.stderr
     assert (tmp_path / "run" / "select" / "_COMPLETE.json").exists()
 
-    # Unset RAY_AUTH_MODE: Ray's default token file is read and sent.
+    # Ray's default token file is read when the mode is token; with the mode unset nothing is sent (as Ray's own
+    # clients do), and the cluster's refusal is explained.
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text(TOKEN)
-    listed = domainsynth("jobs", "list", "--address", token_head.address, env=home)
+    listed = domainsynth("jobs", "list", "--address", token_head.address, env={**home, "RAY_AUTH_MODE": "token"})
     assert listed.returncode == 0 and job_id in listed.stdout, listed.stderr
-    (tmp_path / ".ray" / "auth_token").unlink()
     no_token = domainsynth("jobs", "list", "--address", token_head.address, env=home)
-    assert no_token.returncode == 1 and "requires a token and none was sent" in no_token.stderr
-    wrong = domainsynth("jobs", "list", "--address", token_head.address, env={**home, "RAY_AUTH_TOKEN": "nope"})
+    assert no_token.returncode == 1 and "requires a token and none was sent: set RAY_AUTH_MODE=token" in no_token.stderr
+    (tmp_path / ".ray" / "auth_token").unlink()
+    wrong = domainsynth("jobs", "list", "--address", token_head.address,
+                        env={**home, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "nope"})
     assert wrong.returncode == 1 and "rejected the token" in wrong.stderr
     missing = domainsynth("submit", str(select_recipe), "--address", token_head.address,
                           env={**home, "RAY_AUTH_MODE": "token"})
-    assert missing.returncode == 1 and "RAY_AUTH_MODE=token but no token was found" in missing.stderr
+    assert missing.returncode == 2 and "RAY_AUTH_MODE=token but no token was found" in missing.stderr
 
 
 def test_jobs_stop_stops_a_running_job(token_head, select_recipe):
-    env = {"RAY_AUTH_TOKEN": TOKEN}
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
     submitted = domainsynth("submit", str(select_recipe), "--address", token_head.address, "--no-wait", env=env)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     job_id = submitted.stdout.split("Submitted job ")[1].split()[0]
     stopped = domainsynth("jobs", "stop", job_id, "--address", token_head.address, env=env)
     assert stopped.returncode == 0 and "stop requested" in stopped.stdout
@@ -218,8 +224,9 @@ def test_jobs_stop_stops_a_running_job(token_head, select_recipe):
     assert f"{job_id}: STOPPED" in status
     waited = domainsynth("jobs", "logs", job_id, "--follow", "--address", token_head.address, env=env)
     assert waited.returncode == 1 and f"Job {job_id} stopped" in waited.stdout
-    unknown = domainsynth("jobs", "status", "no-such-job", "--address", token_head.address, env=env)
-    assert unknown.returncode == 1 and "does not exist" in unknown.stderr
+    for action in (("status",), ("logs", "--follow")):
+        unknown = domainsynth("jobs", action[0], "no-such-job", *action[1:], "--address", token_head.address, env=env)
+        assert unknown.returncode == 1 and "Job no-such-job does not exist" in unknown.stderr, unknown.stderr
 
 
 def test_an_unreachable_address_fails_within_seconds(select_recipe):
@@ -236,19 +243,23 @@ def test_bad_recipes_and_addresses_fail_before_anything_is_sent(select_recipe, t
     result = domainsynth("submit", str(bad), "--address", "http://127.0.0.1:1")
     assert result.returncode == 2 and "select.keep_fraction" in result.stderr
     result = domainsynth("submit", str(select_recipe), "--address", "ray://127.0.0.1:10001")
-    assert result.returncode == 1 and "ray:// is Ray Client's address" in result.stderr
+    assert result.returncode == 2 and "ray:// is Ray Client's address" in result.stderr
     result = domainsynth("submit", str(select_recipe))
-    assert result.returncode == 1 and "give --address" in result.stderr
+    assert result.returncode == 2 and "give --address" in result.stderr
 
 
 def test_staging_copies_local_inputs_and_leaves_uris_and_hub_ids(tmp_path, tiny_llama):
     data = tmp_path / "data"
-    (data / "shards").mkdir(parents=True)
-    for name in ("a.jsonl", "b.jsonl"):
+    (data / "shards" / "nested").mkdir(parents=True)
+    for name in ("a.jsonl", "b.jsonl", "nested/c.jsonl"):
         (data / "shards" / name).write_text('{"text": "x"}\n')
     (data / "fewshots.jsonl").write_text('{"text": "y"}\n')
+    # A folder that keeps its files out of git: Ray's packaging would honour the .gitignore and upload none.
+    (data / "corpus").mkdir()
+    (data / "corpus" / "part-0.jsonl").write_text('{"text": "z"}\n')
+    (data / "corpus" / ".gitignore").write_text("*\n!.gitignore\n")
     recipe = build_recipe({"run_dir": "s3://bucket/run",
-                           "embed": {"corpus": ["shards/*.jsonl", "s3://bucket/more/*.jsonl"],
+                           "embed": {"corpus": ["shards/*.jsonl", "s3://bucket/more/*.jsonl", "corpus"],
                                      "model": "sentence-transformers/all-MiniLM-L6-v2"},
                            "retrieve": {"few_shots": "fewshots.jsonl", "top_k": 3},
                            "synthesize": {"method": "craft", "model": tiny_llama}}, "test", str(data))
@@ -259,7 +270,11 @@ def test_staging_copies_local_inputs_and_leaves_uris_and_hub_ids(tmp_path, tiny_
     corpus = staged.embed.corpus
     assert corpus[1] == "s3://bucket/more/*.jsonl" and staged.embed.model == "sentence-transformers/all-MiniLM-L6-v2"
     assert corpus[0].startswith(str(staging / "inputs")) and corpus[0].endswith("*.jsonl")
-    assert sorted(p.name for p in Path(corpus[0]).parent.iterdir()) == ["a.jsonl", "b.jsonl"]
+    # The glob is expanded as the stages expand it ('*' crosses folders): the nested file travels too.
+    staged_files = sorted(str(p.relative_to(Path(corpus[0]).parent)) for p in Path(corpus[0]).parent.rglob("*.jsonl"))
+    assert staged_files == ["a.jsonl", "b.jsonl", "nested/c.jsonl"]
+    staged_corpus = Path(corpus[2])
+    assert (staged_corpus / "part-0.jsonl").is_file() and not (staged_corpus / ".gitignore").exists()
     assert staged.retrieve.few_shots[0].startswith(str(staging)) and Path(staged.retrieve.few_shots[0]).is_file()
     # The same file named twice (craft's few-shots default to retrieve's) is copied once.
     assert staged.synthesize.craft.few_shots == staged.retrieve.few_shots
