@@ -24,8 +24,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="Ray cluster to join ('auto', 'ray://head:10001'); default: start an embedded local Ray "
                         "with all of this machine's CPUs")
     p.add_argument("--num-cpus", type=int, metavar="N", help="CPUs for the embedded local Ray (default: all)")
+    _add_overrides(p, "select.keep_fraction=0.05")
+
+
+def _add_overrides(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe field, e.g. --set select.keep_fraction=0.05 (repeatable)")
+                   help=f"override a recipe field, e.g. --set {example} (repeatable)")
+
+
+def _add_sampling(p: argparse.ArgumentParser, max_tokens: str, temperature: str) -> None:
+    """The engine and sampling flags of the commands that generate (the rest is in the recipe)."""
+    p.add_argument("--engine", choices=ENGINE_KINDS, help="engine (default transformers)")
+    p.add_argument("--max-tokens", type=_positive_int, metavar="N", help=f"tokens per completion ({max_tokens})")
+    p.add_argument("--temperature", type=float, metavar="T", help=f"sampling temperature ({temperature})")
 
 
 def _fraction(value: str) -> float:
@@ -148,10 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt-field", metavar="NAME", help="field holding the prompt (default: prompt)")
     gen.add_argument("--id-field", metavar="NAME", help="field holding a row id (default: id)")
     gen.add_argument("--chat", action="store_true", help="send prompts through the model's chat template")
-    gen.add_argument("--engine", choices=ENGINE_KINDS, help="engine (default transformers)")
     gen.add_argument("--soft-prompt", metavar="PATH", help="soft prompt placed before every prompt")
-    gen.add_argument("--max-tokens", type=_positive_int, metavar="N", help="tokens per completion (default 64)")
-    gen.add_argument("--temperature", type=float, metavar="T", help="sampling temperature, 0 = greedy (default 1)")
+    _add_sampling(gen, "default 64", "0 = greedy; default 1")
     gen.add_argument("--n", type=_positive_int, metavar="N", help="completions per prompt (default 1)")
     gen.add_argument("--seed", type=int, metavar="S", help="sampling seed")
     _add_common(gen)
@@ -179,9 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--num-samples", type=_positive_int, metavar="N", help="domino: inputs to sample (default 1000)")
     syn.add_argument("--respond", action="store_true", help="domino: let the LLM write each kept input's output")
     syn.add_argument("--template", metavar="FILE", help="Jinja2 prompt template replacing the method's default")
-    syn.add_argument("--engine", choices=ENGINE_KINDS, help="engine (default transformers)")
-    syn.add_argument("--max-tokens", type=_positive_int, metavar="N", help="tokens per completion")
-    syn.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (method default)")
+    _add_sampling(syn, "method default", "method default")
     syn.add_argument("--seed", type=int, metavar="S", help="sampling seed")
     _add_common(syn)
 
@@ -288,8 +295,7 @@ def _add_cluster_commands(sub) -> None:
     mode.add_argument("--follow", action="store_true", help="print the job's logs as they come, until it ends")
     mode.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
     submit.add_argument("--job-id", metavar="ID", help="submission id (default: Ray makes one)")
-    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe field (repeatable)")
+    _add_overrides(submit, "run_dir=s3://bucket/runs/r1")
 
     jobs = sub.add_parser("jobs", help="list, inspect, follow or stop jobs on a Ray cluster")
     actions = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
@@ -319,8 +325,7 @@ def _add_cluster_commands(sub) -> None:
     render.add_argument("--project-dir", metavar="DIR",
                         help="the project the image was built from (default: the current directory): local paths "
                              "inside it are found in the image under kubernetes.project_dir")
-    render.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe field, e.g. --set kubernetes.image=REGISTRY/domainsynth:0.1.0")
+    _add_overrides(render, "kubernetes.image=REGISTRY/domainsynth:0.1.0-gpu")
     check = k8s_actions.add_parser(
         "validate", help="check manifests offline against the KubeRay v1.7.0 CRDs and the operator's rules",
         description="Check YAML files (several objects each is fine) or kustomize folders (rendered with kubectl "
@@ -330,13 +335,14 @@ def _add_cluster_commands(sub) -> None:
     check.add_argument("paths", nargs="+", metavar="FILE_OR_KUSTOMIZE_DIR")
 
 
+def _given(args: argparse.Namespace, *flags: str) -> dict:
+    """The flags given on the command line (argparse leaves the others None), as recipe fields."""
+    return {flag: getattr(args, flag) for flag in flags if getattr(args, flag) is not None}
+
+
 def recipe_from_select_args(args: argparse.Namespace) -> Recipe:
-    select: dict = {"in_domain": args.in_domain, "corpus": args.corpus}
-    for flag, field in (("keep_fraction", "keep_fraction"), ("threshold", "threshold"), ("text_field", "text_field"),
-                        ("id_field", "id_field"), ("classifier", "classifier"), ("negatives", "negatives")):
-        value = getattr(args, flag)
-        if value is not None:
-            select[field] = value
+    select: dict = {"in_domain": args.in_domain, "corpus": args.corpus,
+                    **_given(args, "keep_fraction", "threshold", "text_field", "id_field", "classifier", "negatives")}
     quality = {}
     if args.quality is not None:
         quality["scorer"] = args.quality
@@ -349,10 +355,8 @@ def recipe_from_select_args(args: argparse.Namespace) -> Recipe:
 
 
 def recipe_from_embed_args(args: argparse.Namespace) -> Recipe:
-    embed: dict = {"corpus": args.corpus}
-    for field in ("model", "batch_size", "max_seq_length", "text_field", "id_field"):
-        if getattr(args, field) is not None:
-            embed[field] = getattr(args, field)
+    embed: dict = {"corpus": args.corpus, **_given(args, "model", "batch_size", "max_seq_length", "text_field",
+                                                    "id_field")}
     return build_recipe({"run_dir": args.out, "embed": embed}, "command line", os.getcwd(), args.overrides)
 
 
@@ -366,10 +370,7 @@ def recipe_from_retrieve_args(args: argparse.Namespace) -> Recipe:
     index_dir = StageDir(paths.join(args.out, "index"))
     existing = index_dir.read_json("index.json") if index_dir.exists(MARKER) else None
     if existing is None:
-        raw["embed"] = {"corpus": args.corpus}
-        for field in ("text_field", "id_field", "model"):
-            if getattr(args, field) is not None:
-                raw["embed"][field] = getattr(args, field)
+        raw["embed"] = {"corpus": args.corpus, **_given(args, "text_field", "id_field", "model")}
         raw["index"] = {"kind": args.index_kind} if args.index_kind else {}
     recipe = build_recipe(raw, "command line", os.getcwd(), args.overrides)
     if existing is not None:
@@ -383,20 +384,14 @@ def recipe_from_retrieve_args(args: argparse.Namespace) -> Recipe:
 
 
 def recipe_from_generate_args(args: argparse.Namespace) -> Recipe:
-    generate: dict = {"prompts": args.prompts, "model": args.model}
-    for field in ("prompt_field", "id_field", "engine", "soft_prompt"):
-        if getattr(args, field) is not None:
-            generate[field] = getattr(args, field)
+    generate: dict = {"prompts": args.prompts, "model": args.model,
+                      **_given(args, "prompt_field", "id_field", "engine", "soft_prompt")}
     if args.chat:
         generate["chat"] = True
-    sampling = {f: getattr(args, f) for f in ("max_tokens", "temperature", "n", "seed") if getattr(args, f) is not None}
+    sampling = _given(args, "max_tokens", "temperature", "n", "seed")
     if sampling:
         generate["sampling"] = sampling
     return build_recipe({"run_dir": args.out, "generate": generate}, "command line", os.getcwd(), args.overrides)
-
-
-def _given(args: argparse.Namespace, *flags: str) -> dict:
-    return {flag: getattr(args, flag) for flag in flags if getattr(args, flag) is not None}
 
 
 def recipe_from_synthesize_args(args: argparse.Namespace) -> Recipe:
@@ -559,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             recipe = recipe_from_serve_args(args)
         elif args.command == "run":
             recipe = load_recipe(args.recipe, args.overrides)
-            if not any(getattr(recipe, stage) for stage in STAGE_ORDER):
+            if not recipe.has_stage():
                 raise RecipeError(f"{args.recipe}: no stage to run ({', '.join(STAGE_ORDER)}); a serve section is "
                                   f"started with 'domainsynth serve {args.recipe}'")
         else:

@@ -82,7 +82,7 @@ def validate_command(args: argparse.Namespace) -> int:
 
 def submit_command(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
-    if not any(getattr(recipe, stage) for stage in STAGE_ORDER):
+    if not recipe.has_stage():
         raise RecipeError(f"{args.recipe}: no stage to run ({', '.join(STAGE_ORDER)})")
     preflight(recipe)  # a missing input or a broken template fails here, before anything is uploaded
     client, address = jobs_api.connect(args.address)

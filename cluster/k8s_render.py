@@ -92,8 +92,10 @@ class _PodPaths:
 
     def run_dir(self, run_dir: str) -> str:
         """The output: it must be shared by every pod, or the parts written on the others are lost."""
-        path = run_dir if is_uri(run_dir) else os.path.abspath(run_dir)
-        if is_uri(path) or self.on_volume(path):
+        if is_uri(run_dir):
+            return run_dir
+        path = os.path.abspath(run_dir)
+        if self.on_volume(path):
             return path
         moved = self._in_pod(path) or path
         self.warnings.append(f"run_dir: {moved} is on each pod's own disk: Ray Data workers on other pods write "
@@ -135,7 +137,7 @@ def pod_recipe(recipe: Recipe, paths: _PodPaths) -> dict:
 
 
 def _rayjob(recipe: Recipe, paths: _PodPaths) -> Rendered:
-    if not any(getattr(recipe, stage) for stage in STAGE_ORDER):
+    if not recipe.has_stage():
         raise ValueError(f"--kind rayjob: the recipe has no stage ({', '.join(STAGE_ORDER)}) to run")
     k8s = recipe.kubernetes
     recipe_map = _object("ConfigMap", k8s, None, suffix="-recipe")

@@ -561,7 +561,7 @@ class Recipe(Strict):
         if self.embed is not None and self.embed.corpus is None and self.select is None:
             raise ValueError("embed.corpus: required unless the recipe has a select section (then embed reads "
                              "select's output)")
-        if self.run_dir is None and any(getattr(self, s) is not None for s in STAGE_ORDER):
+        if self.run_dir is None and self.has_stage():
             raise ValueError("run_dir: required when the recipe has a stage")
         craft = self.synthesize.craft if self.synthesize and self.synthesize.method == "craft" else None
         if craft is not None:
@@ -578,6 +578,10 @@ class Recipe(Strict):
         if self.judge is not None and self.judge.input is None and self.synthesize is None and self.qc is None:
             raise ValueError("judge.input: required unless the recipe has a synthesize or qc section")
         return self
+
+    def has_stage(self) -> bool:
+        """Whether ``run`` has anything to do (a recipe with only ``serve`` or ``kubernetes`` has not)."""
+        return any(getattr(self, stage) is not None for stage in STAGE_ORDER)
 
     def stage_fingerprint(self, stage: str) -> str:
         """Hash of one stage's settings and of every configured stage before it: a finished stage is skipped on
