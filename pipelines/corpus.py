@@ -91,9 +91,6 @@ class CorpusDatasource(FileBasedDatasource):
         return super()._open_input_source(filesystem, path, **open_args)
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-        yield from self._parsed_blocks(f, path)
-
-    def _parsed_blocks(self, f, path: str) -> Iterator[pa.Table]:
         file_index, key = self._lookup(path)
         blocks = _FileBlocks(file_index, key, self._text_field, self._id_field)
         if self._wanted_rows is None:

@@ -14,11 +14,11 @@ from ..actors.engines import SamplingParams
 from .corpus import READ_TASK_CPUS, CorpusSpec, read_corpus
 from .generate import EnginePool
 from .outcomes import (DROP_DETAIL, DROP_REASON, acceptance_rate, finish_outcomes, kept_diversity, outcome_rows,
-                       sample_column)
+                       value_counts)
 from .prompts import PromptTemplate, check_renders, load_template
 from .recipe import RATINGS, JudgeConfig
-from .references import References, load_reference_texts
-from .report import markdown_table, write_report
+from .references import References, load_reference_texts, references_of
+from .report import _png, _pyplot, markdown_table, write_report
 from .rundir import QUARANTINE_PARTS, StageDir
 
 TEMPLATE_VARIABLES, REQUIRED_VARIABLES = {"sample", "row"}, {"sample"}
@@ -107,7 +107,7 @@ def run_judge(cfg: JudgeConfig, stage: StageDir, upstream: str | None = None,
     kept, dropped, quarantined, rows_in = finish_outcomes(judged, stage, "samples")
     judging = time.perf_counter() - started
     ratings = _rating_counts(stage)
-    refs = References(cfg.references, cfg.reference_fields) if cfg.references else references
+    refs = references_of(cfg, references)
     reference_texts = load_reference_texts(refs, "judge.references") if refs else None
     diversity, diversity_lines = kept_diversity(stage, cfg.text_field, reference_texts, cfg.diversity)
     report = {
@@ -132,27 +132,16 @@ def run_judge(cfg: JudgeConfig, stage: StageDir, upstream: str | None = None,
 def _rating_counts(stage: StageDir) -> dict[str, int]:
     counts = {r: 0 for r in (*RATINGS, None)}
     for folder in ("data", "dropped"):
-        for rating in sample_column(stage.child(folder), "judge_rating", 10**9):
-            counts[rating] += 1
+        for rating, n in value_counts(stage.child(folder), "judge_rating").items():
+            counts[rating] += n
     return {("unrated" if k is None else k): v for k, v in counts.items()}
 
 
 def ratings_png(ratings: dict[str, int], threshold: str) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(ratings)
     kept = [n in RATINGS and RATINGS.index(n) >= RATINGS.index(threshold) for n in names]
-    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    fig, ax = _pyplot().subplots(figsize=(6.5, 3.2), dpi=110)
     ax.bar(names, [ratings[n] for n in names], color=["tab:green" if k else "tab:gray" for k in kept])
     ax.set_ylabel("samples")
     ax.set_title(f"judge ratings (kept: {threshold} and above, in green)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)

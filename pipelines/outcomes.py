@@ -58,13 +58,18 @@ def kept_diversity(stage: StageDir, field: str, reference_texts: list[str] | Non
 
 
 def dropped_by_reason(uri: str) -> dict[str, int]:
+    return dict(sorted((str(reason), n) for reason, n in value_counts(uri, DROP_REASON).items()))
+
+
+def value_counts(uri: str, column: str) -> dict:
+    """How many rows of a Parquet folder hold each value of ``column`` (nulls as None); {} without the folder."""
     fs, path = StageDir(uri).fs_path
     try:
-        reasons = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=[DROP_REASON])
+        values = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=[column]).column(column)
     except (FileNotFoundError, KeyError, pa.ArrowInvalid):
         return {}
-    values, counts = np.unique(reasons.column(DROP_REASON).to_numpy(zero_copy_only=False), return_counts=True)
-    return {str(v): int(c) for v, c in zip(values, counts)}
+    counts = values.value_counts()
+    return {v["values"].as_py(): v["counts"].as_py() for v in counts}
 
 
 def sample_column(uri: str, column: str, n: int, seed: int = 0) -> list:
@@ -85,7 +90,7 @@ def sample_column(uri: str, column: str, n: int, seed: int = 0) -> list:
 def outcome_rows(report: dict) -> list[tuple[str, object]]:
     """Markdown table rows: in, kept, dropped by reason, quarantined, acceptance rate."""
     rows = [("rows in", f"{report['rows_in']:,}"), ("kept", f"{report['rows_out']:,}")]
-    rows += [(f"dropped: {reason}", f"{count:,}") for reason, count in sorted(report["rows_filtered"].items())]
+    rows += [(f"dropped: {reason}", f"{count:,}") for reason, count in report["rows_filtered"].items()]
     rows += [("quarantined (see quarantine.jsonl)", f"{report['rows_quarantined']:,}"),
              ("acceptance rate", f"{report['acceptance_rate']:.1%}")]
     return rows

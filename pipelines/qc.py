@@ -49,11 +49,10 @@ from ..actors.nearest_reference import NEAREST, SIMILARITY, NearestReference
 from . import corpus
 from .corpus import (READ_TASK_CPUS, SUPPORTED_SUFFIXES, CorpusSpec, drop_internal_columns, read_corpus,
                      reading_cpus, without_operator_reservations)
-from .diversity import diversity_markdown, measure_diversity, nearest_reference_png
-from .outcomes import acceptance_rate, sample_column
+from .outcomes import acceptance_rate, kept_diversity, outcome_rows
 from .paths import expand_inputs
 from .recipe import DecontaminateConfig, QcConfig
-from .references import References, load_reference_texts, read_records
+from .references import References, load_reference_texts, read_records, references_of
 from .report import markdown_table, write_report
 from .resources import cluster_cpus
 from .rundir import QUARANTINE_PARTS, StageDir, StageError, count_parquet_rows, gather_quarantine
@@ -127,7 +126,7 @@ def check_qc(cfg: QcConfig, references: References | None = None, upstream: str 
             expand_inputs(cfg.input, SUPPORTED_SUFFIXES)
         except (FileNotFoundError, ValueError) as e:
             raise QcError(f"qc.input: {e}") from None
-    refs = References(cfg.references, cfg.reference_fields) if cfg.references else references
+    refs = references_of(cfg, references)
     reference_texts = None
     if refs is not None:
         try:
@@ -393,8 +392,7 @@ def run_qc(cfg: QcConfig, stage: StageDir, upstream: str | None = None,
     checked = time.perf_counter() - started
 
     t = time.perf_counter()
-    diversity = measure_diversity(sample_column(data_uri, cfg.text_field, cfg.diversity.sample),
-                                  inputs.reference_texts, cfg.diversity)
+    diversity, diversity_lines = kept_diversity(stage, cfg.text_field, inputs.reference_texts, cfg.diversity)
     phases["diversity"] = time.perf_counter() - t
     counts = np.bincount(decisions.reason, minlength=len(REASONS) + 1)
     rows_in = n + len(quarantine)
@@ -415,11 +413,7 @@ def run_qc(cfg: QcConfig, stage: StageDir, upstream: str | None = None,
         "seconds": round(time.perf_counter() - started, 3),
         "outputs": {"data": data_uri, "dropped": dropped_uri, "quarantine": stage.child("quarantine.jsonl")},
     }
-    figures = []
-    if diversity and diversity.get("nearest_reference"):
-        stage.write_bytes("nearest_reference.png", nearest_reference_png(diversity["nearest_reference"]["values"]))
-        figures.append("![similarity to the closest reference](nearest_reference.png)")
-    write_report(stage, report, render_markdown(report, figures))
+    write_report(stage, report, render_markdown(report, diversity_lines))
     return report
 
 
@@ -548,17 +542,13 @@ def _details(decisions: Decisions, rows: np.ndarray, cfg: QcConfig, inputs: QcIn
     return out
 
 
-def render_markdown(report: dict, figures: list[str]) -> str:
+def render_markdown(report: dict, diversity_lines: list[str]) -> str:
     near = report["near_dedup"]
-    rows = [("rows in", report["rows_in"]), ("kept", report["rows_out"])]
-    rows += [(f"dropped: {reason}", count) for reason, count in report["rows_filtered"].items()]
-    rows += [("quarantined (see quarantine.jsonl)", report["rows_quarantined"]),
-             ("acceptance rate", f"{report['acceptance_rate']:.1%}"),
-             ("near-duplicates", f"Jaccard >= {near['threshold']} on {near['shingle_words']}-word shingles, "
-                                 f"{near['num_perm']} permutations, LSH {near['bands']} bands x {near['rows']} rows; "
-                                 f"{near['candidate_pairs']:,} candidate pairs, {near['verified_pairs']:,} verified, "
-                                 f"{near['clusters']:,} clusters" if near["enabled"] else "off"),
-             ("documents / second", report["docs_per_second"]), ("seconds", report["seconds"])]
+    rows = outcome_rows(report) + [
+        ("near-duplicates", f"Jaccard >= {near['threshold']} on {near['shingle_words']}-word shingles, "
+                            f"{near['num_perm']} permutations, LSH {near['bands']} bands x {near['rows']} rows; "
+                            f"{near['candidate_pairs']:,} candidate pairs, {near['verified_pairs']:,} verified, "
+                            f"{near['clusters']:,} clusters" if near["enabled"] else "off"),
+        ("documents / second", report["docs_per_second"]), ("seconds", report["seconds"])]
     return "\n".join(["# qc — quality control", "", markdown_table(rows), "",
-                      "Dropped rows, with `qc_reason` and `qc_detail`, are in `dropped/`.", "",
-                      diversity_markdown(report["diversity"]) if report["diversity"] else "", "", *figures, ""])
+                      "Dropped rows, with `qc_reason` and `qc_detail`, are in `dropped/`.", "", *diversity_lines, ""])

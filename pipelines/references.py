@@ -20,6 +20,11 @@ class References:
     fields: Optional[list[str]] = None
 
 
+def references_of(cfg, fallback: "References | None" = None) -> "References | None":
+    """A stage's own references (its ``references`` and ``reference_fields``), else ``fallback``."""
+    return References(cfg.references, cfg.reference_fields) if cfg.references else fallback
+
+
 def read_records(specs: list[str], what: str) -> list[tuple[str, int, dict]]:
     """Every row of JSONL/Parquet ``specs`` as (file, line, record); ``what`` names the recipe field in errors."""
     import pyarrow.parquet as pq

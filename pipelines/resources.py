@@ -30,14 +30,14 @@ def gpus_up() -> float:
 def largest_node_cpus() -> int:
     """A single task or actor can use at most one node's CPUs."""
     up = (n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive"))
-    possible = (group.resources.get("CPU", 0) for group in _node_groups("CPU") if group.max_count != 0)
+    possible = (group.resources.get("CPU", 0) for group in _node_groups(_cluster_config(), "CPU")
+                if group.max_count != 0)
     return max(1, int(max((*up, *possible), default=1)))
 
 
-def _node_groups(resource: str) -> list:
+def _node_groups(config, resource: str) -> list:
     """The autoscaler's node groups that offer ``resource``. CPU work is planned on the CPU groups only: sized for
     the GPU pods' CPUs too, a CPU stage would make the autoscaler start GPU pods for it."""
-    config = _cluster_config()
     groups = list(config.node_group_configs) if config is not None else []
     return [g for g in groups if resource == "GPU" or not g.resources.get("GPU", 0)]
 
@@ -50,13 +50,13 @@ def _ceiling(resource: str) -> float:
     """The most of ``resource`` the autoscaler may provide (0 without an autoscaler), within the cluster's own
     ``max_resources``. A group without a maximum makes the ceiling unknowable: then only what is up counts, rather
     than pools sized for infinity."""
+    config = _cluster_config()
     total = 0.0
-    for group in _node_groups(resource):
+    for group in _node_groups(config, resource):
         per_node = group.resources.get(resource, 0)
         if per_node and (group.max_count < 0 or group.max_count >= UNBOUNDED_NODES):
             return 0.0
         total += per_node * group.max_count
-    config = _cluster_config()
     cap = config.max_resources.get(resource, 0) if config is not None else 0
     return min(total, cap) if cap else total
 

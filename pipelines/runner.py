@@ -11,7 +11,6 @@ from .generate import run_generate
 from .index import run_index
 from .judge import prepare as check_judge, run_judge
 from .qc import check_qc, run_qc
-from .references import References
 from .retrieve import load_few_shots, run_retrieve
 from .select import run_select
 from .synthesize import check_synthesize, default_references, run_synthesize
@@ -64,7 +63,7 @@ def preflight(recipe: Recipe) -> None:
     if recipe.qc is not None:
         if recipe.qc.input is not None:
             _check_inputs("qc.input", recipe.qc.input)
-        check_qc(recipe.qc, _references(recipe, "qc"))
+        check_qc(recipe.qc, upstream_context(recipe, "qc")["references"])
     if recipe.judge is not None:
         _check_model("judge.model", recipe.judge.model)
         if recipe.judge.input is not None:
@@ -74,13 +73,6 @@ def preflight(recipe: Recipe) -> None:
         _check_model("serve.model", recipe.serve.model)
         for name, path in recipe.serve.soft_prompts.items():
             _check_soft_prompt(f"serve.soft_prompts.{name}", path)
-
-
-def _references(recipe: Recipe, name: str) -> References | None:
-    cfg = getattr(recipe, name)
-    if cfg.references:
-        return References(cfg.references, cfg.reference_fields)
-    return upstream_context(recipe, name).get("references")
 
 
 def _check_model(field: str, model: str) -> None:

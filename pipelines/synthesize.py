@@ -16,12 +16,12 @@ import pyarrow.compute as pc
 import ray
 
 from . import craft, domino, trait
-from .corpus import READ_TASK_CPUS, CorpusSpec, read_corpus, without_operator_reservations
+from .corpus import ORDER, READ_TASK_CPUS, CorpusSpec, read_corpus, without_operator_reservations
 from .generate import EnginePool
 from .outcomes import (DROP_DETAIL, DROP_REASON, acceptance_rate, finish_outcomes, kept_diversity, outcome_rows,
                        sample_column)
 from .recipe import SynthesizeConfig
-from .references import References, load_reference_texts
+from .references import References, load_reference_texts, read_records, references_of
 from .report import markdown_table, token_histogram_png, write_report
 from .rundir import QUARANTINE_PARTS, StageDir, StageError
 
@@ -58,7 +58,7 @@ def default_references(cfg: SynthesizeConfig) -> References | None:
     """What synthetic samples are compared with: the configured references, else CRAFT's few-shots (instruction and
     output, the parts a sample is written as) or TRAIT's examples."""
     if cfg.references:
-        return References(cfg.references, cfg.reference_fields)
+        return references_of(cfg)
     if cfg.method == "craft":
         fields = cfg.craft.few_shot_fields
         return References(cfg.craft.few_shots, cfg.reference_fields or [fields["instruction"], fields["output"]])
@@ -195,8 +195,6 @@ def run_synthesize(cfg: SynthesizeConfig, stage: StageDir) -> dict:
         template, shots = craft.prepare(cfg)
         spec = CorpusSpec(cfg.craft.documents or [stage.sibling("retrieve", "data")], cfg.craft.document_field,
                           cfg.craft.id_field)
-        from .corpus import ORDER
-
         rows = read_corpus(spec, num_cpus=READ_TASK_CPUS, quarantine_dir=parts, rows_per_block=pool.rows_per_block) \
             .map_batches(craft.CraftPrompts(template, shots, cfg.craft, ORDER), batch_format="pyarrow",
                          batch_size=None, num_cpus=READ_TASK_CPUS)
@@ -282,8 +280,6 @@ def _group(cfg: SynthesizeConfig, problems: list) -> trait.Grouping:
 def _closest_documents(cfg: SynthesizeConfig, problems: list, grouping: trait.Grouping) -> list[str | None]:
     """Each group's closest reference document (by the mean of its problems' embeddings), when documents are given."""
     import numpy as np
-
-    from .references import read_records
 
     if not cfg.trait.documents or not grouping.groups:
         return [None] * len(grouping.groups)

@@ -200,13 +200,13 @@ def prompt_table(cfg: SynthesizeConfig, template: PromptTemplate, problems: list
     rows = []
     for g, members in enumerate(grouping.groups):
         group = [problems[m] for m in members]
+        shown = [_prompt_problem(p, trait) for p in group]
         entity = group[0].entity if trait.grouping == "entity" else None
         document = documents[g][:trait.max_document_chars] if documents[g] else None
         rows.append({
             "id": f"trait-{g:06d}", "entity": entity, "problem_ids": [p.id for p in group],
-            "problems": [_prompt_problem(p, trait) for p in group], "document": document,
-            "_prompt": template.render(problems=[_prompt_problem(p, trait) for p in group], entity=entity,
-                                       document=document, json_format=JSON_FORMAT),
+            "problems": shown, "document": document,
+            "_prompt": template.render(problems=shown, entity=entity, document=document, json_format=JSON_FORMAT),
             "_json_schema": _schema_json(len(group), cfg),
             "_source_file": group[0].file, "_source_line": group[0].line, "_order": g})
     return pa.Table.from_pylist(rows)
