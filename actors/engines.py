@@ -9,6 +9,7 @@ tests and the demo use with the tiny Llama. ``VLLMEngine`` (``actors/vllm_engine
 from __future__ import annotations
 
 import json
+import re
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -22,12 +23,16 @@ class SamplingParams(BaseModel):
     """What a request may ask of an engine; the ranges are what the endpoint validates (a 4xx outside them)."""
 
     model_config = ConfigDict(extra="forbid")
-    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy.")
+    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy. Engines treat a temperature below 1e-5 as "
+                                                          "0 and raise one below 0.01 to 0.01, as vLLM does (a "
+                                                          "smaller divisor overflows the logits).")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 = no top-k cut.")
     max_tokens: int = Field(64, gt=0, le=8192)
     n: int = Field(1, ge=1, le=32, description="Completions per prompt.")
-    seed: Optional[int] = Field(None, ge=0, description="Same seed, same prompt, same output.")
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1, description="Same seed, same prompt, same output. At "
+                                "most 2**63 - 1 (a signed 64-bit integer, as OpenAI and vLLM take it); a larger "
+                                "one is refused rather than reduced, so that two seeds never silently collide.")
     stop: list[str] = Field(default_factory=list, max_length=8)
     json_schema: Optional[dict] = Field(None, description="Structured output: every completion is JSON valid "
                                                           "against this JSON schema.")
@@ -43,6 +48,12 @@ class SamplingParams(BaseModel):
             except SchemaError as e:
                 raise ValueError(f"not a valid JSON schema: {e.message}") from None
         return value
+
+
+class UnsatisfiableSchema(ValueError):
+    """Structured output reached a point where the schema allows no token this engine may write (e.g. a character
+    that only lone-byte tokens spell, which structured output bans): the request's schema, not the engine, is at
+    fault."""
 
 
 @dataclass
@@ -63,6 +74,14 @@ class Delta:
 
 
 ENGINE_KINDS = ("transformers", "vllm")
+# vLLM's sampling thresholds (vllm/sampling_params.py): below GREEDY_BELOW a temperature means greedy decoding;
+# below MIN_TEMPERATURE it is raised to it, since dividing logits by less overflows them into inf/nan.
+GREEDY_BELOW, MIN_TEMPERATURE = 1e-5, 1e-2
+
+
+def effective_temperature(temperature: float) -> float:
+    """The temperature an engine samples at: 0 (greedy) for a tiny one, at least MIN_TEMPERATURE otherwise."""
+    return 0.0 if temperature < GREEDY_BELOW else max(temperature, MIN_TEMPERATURE)
 
 
 class Engine(ABC):
@@ -75,6 +94,10 @@ class Engine(ABC):
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=True).input_ids)
+
+    def prompt_length(self, prompt: str, prefix: np.ndarray | None = None) -> int:
+        """What the model reads: the prompt's tokens (special tokens included) after the soft prompt's."""
+        return self.count_tokens(prompt) + (0 if prefix is None else len(prefix))
 
     def chat_prompt(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -91,13 +114,44 @@ class Engine(ABC):
         c = self.generate([prompt], params.model_copy(update={"n": 1}), prefix)[0][0]
         yield Delta(c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens)
 
-    def context_overflow(self, prompt: str, params: SamplingParams, prefix: np.ndarray | None = None) -> str | None:
-        """Why ``prompt`` (after ``prefix``) with ``params.max_tokens`` does not fit the context; None when it does."""
-        tokens = self.count_tokens(prompt) + (0 if prefix is None else len(prefix))
+    def context_overflow(self, prompt: str, params: SamplingParams, prefix: np.ndarray | None = None,
+                         tokens: int | None = None) -> str | None:
+        """Why ``prompt`` (after ``prefix``) with ``params.max_tokens`` does not fit the context; None when it does.
+        ``tokens``: the prompt's length when the caller has counted it already."""
+        tokens = self.prompt_length(prompt, prefix) if tokens is None else tokens
         if tokens + params.max_tokens <= self.max_model_len:
             return None
         return (f"{tokens} prompt tokens (soft prompt included) plus max_tokens {params.max_tokens} exceed the "
                 f"model's context of {self.max_model_len}")
+
+    def json_schema_problem(self, schema: dict) -> str | None:
+        """Why structured output cannot hold completions to ``schema``; None when it can. Both engines decode with
+        xgrammar, so its compiler decides: a ``$ref`` to nothing, ``minimum`` above ``maximum`` and the like fail
+        to compile, and a schema that admits no JSON value at all (a ``$ref`` to itself) compiles to a grammar
+        that allows no first token."""
+        import xgrammar
+
+        try:
+            grammar = self.grammar_compiler().compile_json_schema(json.dumps(schema), any_whitespace=False)
+        except Exception as e:  # xgrammar raises RuntimeError("[time] file.cc:line: message")
+            return _xgrammar_message(e)
+        first_tokens = xgrammar.allocate_token_bitmask(1, grammar.tokenizer_info.vocab_size)
+        xgrammar.GrammarMatcher(grammar).fill_next_token_bitmask(first_tokens)
+        return None if bool(first_tokens.any()) else "no JSON value satisfies it (e.g. a $ref to itself)"
+
+    def grammar_compiler(self):
+        """xgrammar's compiler over this engine's vocabulary, made once; it caches what it compiles."""
+        compiler = getattr(self, "_xgrammar_compiler", None)
+        if compiler is None:
+            import xgrammar
+
+            info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.grammar_vocab_size())
+            compiler = self._xgrammar_compiler = xgrammar.GrammarCompiler(info)
+        return compiler
+
+    def grammar_vocab_size(self) -> int:
+        """The width of the model's logits, which a grammar's token mask must cover."""
+        return len(self.tokenizer)
 
     def check_prefix(self, prefix: np.ndarray | None) -> None:
         if prefix is not None and (prefix.ndim != 2 or prefix.shape[1] != self.hidden_size):
@@ -132,8 +186,7 @@ class TransformersEngine(Engine):
             model, dtype=getattr(torch, dtype) if dtype else "auto").to(self.device).eval()
         self.hidden_size = self.model.config.hidden_size
         self.max_model_len = self.model.config.max_position_embeddings
-        self._grammar_compiler = None  # xgrammar's view of the vocabulary, built on the first structured request
-        self._banned_tokens = None
+        self._banned_tokens = None  # tokens structured output never allows, found on the first structured request
 
     def generate(self, prompts: Sequence[str], params: SamplingParams,
                  prefix: np.ndarray | None = None) -> list[list[Completion]]:
@@ -184,11 +237,13 @@ class TransformersEngine(Engine):
         embed = self.model.get_input_embeddings()
         rows, lengths = [], []
         with torch.no_grad():
-            for prompt in prompts:
+            for i, prompt in enumerate(prompts):
                 ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=True).input_ids[0].to(self.device)
                 row = embed(ids)
                 if prefix is not None:
                     row = torch.cat([torch.as_tensor(prefix, dtype=row.dtype, device=self.device), row])
+                if not len(row):  # vLLM refuses these too ("the decoder prompt cannot be empty")
+                    raise ValueError(f"prompt {i} is empty: it has no tokens (this tokenizer adds no BOS token)")
                 rows.append(row)
                 lengths.append(len(ids))
             width = max(len(r) for r in rows)
@@ -197,18 +252,24 @@ class TransformersEngine(Engine):
             for i, row in enumerate(rows):  # left padding: every row ends where generation starts
                 inputs[i, width - len(row):] = row
                 mask[i, width - len(row):] = 1
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            sampling = params.temperature > 0
+            if params.seed is not None:  # a derived seed (seed + offset) may pass 2**64 - 1, torch's largest
+                torch.manual_seed(params.seed % 2**64)
+            temperature = effective_temperature(params.temperature)
+            sampling = temperature > 0
+            # Greedy decoding gives every copy the same text, and transformers refuses num_return_sequences > 1
+            # without sampling: decode once and repeat it n times, as vLLM answers greedy n > 1.
+            copies = params.n if sampling else 1
             out = self.model.generate(
                 inputs_embeds=inputs, attention_mask=mask, max_new_tokens=params.max_tokens,
-                do_sample=sampling, temperature=params.temperature if sampling else None,
+                do_sample=sampling, temperature=temperature if sampling else None,
                 top_p=params.top_p if sampling else None, top_k=params.top_k if sampling else None,
-                num_return_sequences=params.n, pad_token_id=self.tokenizer.pad_token_id,
+                num_return_sequences=copies, pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self.tokenizer.eos_token_id, stop_strings=params.stop or None,
                 tokenizer=self.tokenizer if params.stop else None,
                 logits_processor=self._json_constraint(params.json_schema) if params.json_schema else None,
                 streamer=streamer)
+        if copies != params.n:
+            out = out.repeat_interleave(params.n, dim=0)
         return out, lengths
 
     def _json_constraint(self, schema: dict) -> list:
@@ -217,19 +278,19 @@ class TransformersEngine(Engine):
         strings: control characters (JSON forbids them unescaped) and lone bytes of a multi-byte character (they can
         end up as invalid UTF-8, and a string's length in characters then differs from what the grammar counted)."""
         import torch
-        import xgrammar
         from transformers import LogitsProcessorList
         from xgrammar.contrib.hf import LogitsProcessor
 
-        if self._grammar_compiler is None:
-            info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size)
-            self._grammar_compiler = xgrammar.GrammarCompiler(info)
+        if self._banned_tokens is None:
             special = set(self.tokenizer.all_special_ids)
             self._banned_tokens = torch.tensor([
                 t for t in range(len(self.tokenizer)) if t not in special
                 and not_json_text(self.tokenizer.decode([t]))], dtype=torch.long)
-        grammar = self._grammar_compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
-        return LogitsProcessorList([_BanTokens(self._banned_tokens), LogitsProcessor(grammar)])
+        grammar = self.grammar_compiler().compile_json_schema(json.dumps(schema), any_whitespace=False)
+        return LogitsProcessorList([_BanTokens(self._banned_tokens), LogitsProcessor(grammar), _refuse_dead_ends])
+
+    def grammar_vocab_size(self) -> int:
+        return self.model.config.vocab_size
 
     def _completion(self, tokens, prompt_tokens: int, params: SamplingParams) -> Completion:
         ids = tokens.tolist()
@@ -251,8 +312,26 @@ def _first_stop(text: str, stops: Sequence[str]) -> int:
     return min((text.find(s) for s in stops if s in text), default=-1)
 
 
+def _xgrammar_message(error: Exception) -> str:
+    """xgrammar's error text without its time stamp, C++ source location and failed-check preamble."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", text)
+    return re.sub(r"^Check failed: \(.*?\) is false:\s*", "", text)
+
+
 def not_json_text(token_text: str) -> bool:
     return "\ufffd" in token_text or any(ord(c) < 32 for c in token_text)
+
+
+def _refuse_dead_ends(input_ids, scores):
+    """The last logits processor of structured output: a row with every token ruled out would be sampled from
+    NaNs (or decoded greedily into a token the grammar then rejects); say why instead."""
+    import torch
+
+    if bool(torch.isneginf(scores).all(dim=-1).any()):
+        raise UnsatisfiableSchema("the JSON schema cannot be completed with this model's tokens (none is allowed "
+                                  f"at generated token {input_ids.shape[-1] + 1})")
+    return scores
 
 
 class _BanTokens:

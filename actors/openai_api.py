@@ -1,17 +1,20 @@
 """The OpenAI-compatible wire format the Serve app speaks: request bodies (validated with pydantic: a bad request is a
-4xx with a JSON error, never a crash), response bodies and server-sent-event chunks.
+4xx with a JSON error, never a crash), the per-request limits, response bodies and server-sent-event chunks.
 
-Only what our engines can honour is accepted: an unknown field is refused by name rather than silently ignored.
+Only what our engines can honour is accepted: an unknown field is refused by name rather than silently ignored, and
+types are strict (``"max_tokens": "16"`` and ``"stream": "yes"`` are refused; an int is still a valid float, as
+OpenAI's clients send ``"temperature": 1``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from .engines import Completion, SamplingParams
 
@@ -28,15 +31,65 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class JSONSchemaFormat(BaseModel):
-    name: str = "output"
+class RequestLimits(BaseModel):
+    """What one request may ask of the endpoint (a recipe's ``serve.limits``). Over a limit is a 400 naming the
+    field and the limit; a body over ``max_body_bytes`` is a 413. The defaults suit a 4k-32k-context model on one
+    GPU; SamplingParams' own ranges (n <= 32, max_tokens <= 8192, 8 stop strings) still apply above them."""
+    model_config = ConfigDict(extra="forbid")
+    max_body_bytes: int = Field(2_097_152, gt=0, description="Request body size in bytes (2 MiB); more is a 413.")
+    max_prompt_chars: int = Field(200_000, gt=0, description="Characters of one prompt (completions) or of all "
+                                                             "messages' contents together (chat).")
+    max_prompts: int = Field(32, gt=0, description="Prompts in one completions request.")
+    max_messages: int = Field(256, gt=0, description="Messages in one chat request.")
+    max_n: int = Field(16, gt=0, le=32, description="Completions per prompt (n).")
+    max_tokens: int = Field(8192, gt=0, le=8192, description="max_tokens (or max_completion_tokens) of a request.")
+    max_stop_strings: int = Field(4, ge=0, le=8, description="Stop strings (OpenAI's limit is 4).")
+    max_stop_chars: int = Field(128, gt=0, description="Characters of one stop string (transformers' stop-string "
+                                                       "matching precomputes vocabulary x length).")
+    max_total_tokens: int = Field(131_072, gt=0, description="Work of one request: the sum over its prompts of "
+                                  "n x (prompt tokens + max_tokens), what the engine may have to hold and write.")
+    max_schema_bytes: int = Field(32_768, gt=0, description="response_format's JSON schema, as compact JSON.")
+    max_schema_depth: int = Field(32, gt=0, description="Nesting of objects and arrays in that schema document.")
+
+
+def _no_lone_surrogates(text: str) -> str:
+    """JSON's ``"\\ud800"`` decodes to a lone surrogate: not Unicode text, and the tokenizer fails on it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"a lone surrogate (U+{ord(text[e.start]):04X}) at character {e.start} is not valid "
+                         f"Unicode text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
+
+
+def _each_text(value):
+    """The surrogate check for a field that is a string or a list of them (one error at the field, not one per
+    branch of the union)."""
+    for i, text in enumerate([value] if isinstance(value, str) else value or []):
+        try:
+            _no_lone_surrogates(text)
+        except ValueError as e:
+            raise ValueError(f"{e}" if isinstance(value, str) else f"item {i}: {e}") from None
+    return value
+
+
+class _Strict(BaseModel):
+    """No unknown fields, no coercion (a string is not an int or a bool; an int is still a float)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class JSONSchemaFormat(_Strict):
+    name: Text = "output"
+    description: Optional[Text] = None
     schema_: dict = Field(alias="schema")
     strict: Optional[bool] = None
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(_Strict):
     """``text``, ``json_object`` (any JSON object) or ``json_schema`` (JSON valid against the given schema)."""
-    model_config = ConfigDict(extra="forbid")
     type: Literal["text", "json_object", "json_schema"]
     json_schema: Optional[JSONSchemaFormat] = None
 
@@ -49,18 +102,18 @@ class ResponseFormat(BaseModel):
         return {"type": "object"} if self.type == "json_object" else None
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
+class _Sampling(_Strict):
     """Fields shared by both endpoints; ranges are SamplingParams' own (checked when converting)."""
-    model_config = ConfigDict(extra="forbid")
     model: str
     max_tokens: Optional[int] = None
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = Field(0, description="vLLM's extension; -1 or 0 = no top-k cut.")
+    top_k: int = Field(0, ge=-1, le=2**31 - 1, description="vLLM's extension; -1 or 0 = no top-k cut. Bounded "
+                                                           "so that no engine is handed an integer wider than 32 bits.")
     n: int = 1
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
@@ -69,12 +122,39 @@ class _Sampling(BaseModel):
     response_format: Optional[ResponseFormat] = None
     user: Optional[str] = None  # accepted and ignored, as OpenAI clients may send it
 
+    @field_validator("stop")
+    @classmethod
+    def _stops_are_text(cls, value):
+        return _each_text(value)
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+
+    def requested_max_tokens(self, default_max_tokens: int) -> int:
+        return self.max_tokens if self.max_tokens is not None else default_max_tokens
+
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0), n=self.n, seed=self.seed,
-            stop=stop, max_tokens=self.max_tokens if self.max_tokens is not None else default_max_tokens,
+            stop=self.stops, max_tokens=self.requested_max_tokens(default_max_tokens),
             json_schema=self.response_format.schema() if self.response_format else None)
+
+    def check_limits(self, limits: RequestLimits, default_max_tokens: int) -> None:
+        """A 400 for the first field over its limit; checked before anything costly (tokenizing, schema checks)."""
+        _at_most("n", self.n, limits.max_n, "max_n")
+        _at_most("max_tokens", self.requested_max_tokens(default_max_tokens), limits.max_tokens, "max_tokens")
+        _at_most("stop", len(self.stops), limits.max_stop_strings, "max_stop_strings", what="stop strings")
+        for i, stop in enumerate(self.stops):
+            _at_most(f"stop.{i}" if isinstance(self.stop, list) else "stop", len(stop), limits.max_stop_chars,
+                     "max_stop_chars", what="characters")
+        schema = self.response_format.json_schema.schema_ if self.response_format and \
+            self.response_format.json_schema else None
+        if schema is not None:
+            _at_most("response_format", json_depth(schema), limits.max_schema_depth, "max_schema_depth",
+                     what="levels of nesting in the JSON schema")
+            _at_most("response_format", len(json.dumps(schema, separators=(",", ":"))), limits.max_schema_bytes,
+                     "max_schema_bytes", what="bytes of JSON schema")
 
 
 class CompletionRequest(_Sampling):
@@ -86,28 +166,63 @@ class CompletionRequest(_Sampling):
     def _not_empty(cls, value):
         if isinstance(value, list) and not value:
             raise ValueError("expected a prompt or a non-empty list of prompts")
-        return value
+        return _each_text(value)
 
     @property
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
+    def prompt_field(self, i: int) -> str:
+        return "prompt" if isinstance(self.prompt, str) else f"prompt.{i}"
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    def check_limits(self, limits: RequestLimits, default_max_tokens: int) -> None:
+        _at_most("prompt", len(self.prompts), limits.max_prompts, "max_prompts", what="prompts")
+        for i, prompt in enumerate(self.prompts):
+            _at_most(self.prompt_field(i), len(prompt), limits.max_prompt_chars, "max_prompt_chars",
+                     what="characters")
+        super().check_limits(limits, default_max_tokens)
+
+
+class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str
-    name: Optional[str] = None
+    content: Text
+    name: Optional[Text] = None
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = None  # OpenAI's newer name for max_tokens
 
-    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+    def requested_max_tokens(self, default_max_tokens: int) -> int:
         if self.max_tokens is None and self.max_completion_tokens is not None:
-            self.max_tokens = self.max_completion_tokens
-        return super().sampling_params(default_max_tokens)
+            return self.max_completion_tokens
+        return super().requested_max_tokens(default_max_tokens)
+
+    def check_limits(self, limits: RequestLimits, default_max_tokens: int) -> None:
+        _at_most("messages", len(self.messages), limits.max_messages, "max_messages", what="messages")
+        _at_most("messages", sum(len(m.content) for m in self.messages), limits.max_prompt_chars,
+                 "max_prompt_chars", what="characters of content")
+        super().check_limits(limits, default_max_tokens)
+
+
+def _at_most(field: str, value: int, limit: int, limit_name: str, what: str = "") -> None:
+    if value > limit:
+        amount = f"{value} {what}".rstrip()
+        raise APIError(400, f"{field}: {amount} is over this endpoint's limit of {limit} (serve.limits."
+                            f"{limit_name})", param=field, code="limit_exceeded")
+
+
+def json_depth(document) -> int:
+    """How deeply objects and arrays nest in a parsed JSON document (a scalar is 0). Iterative, so that a document
+    nested deeper than Python's recursion limit is measured rather than crashing the measurement."""
+    deepest, todo = 0, [(document, 1)]
+    while todo:
+        node, depth = todo.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            todo.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def new_id(prefix: str) -> str:
@@ -159,17 +274,30 @@ def usage_chunk(stream_id: str, model: str, obj: str, prompt_tokens: int, comple
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def validation_message(errors: list[dict]) -> tuple[str, str | None]:
-    """A one-line message and the first offending field, from pydantic/FastAPI validation errors."""
-    parts, first = [], None
+def validation_message(errors: list[dict], most: int = 5) -> tuple[str, str | None]:
+    """A one-line message and the first offending field, from pydantic/FastAPI validation errors: one part per
+    field (a union's branches folded into it), the first ``most`` fields only (a list of a million wrong items should
+    not make a megabyte of message)."""
+    by_field: dict[str, list[str]] = {}
     for err in errors:
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body",)]
-        field = "body" if err.get("type") == "json_invalid" else ".".join(loc) or "body"
-        first = first or field
-        message = err.get("msg", "invalid")
+        field = "body" if err.get("type") == "json_invalid" else _field_name(err.get("loc", ()))
+        message = err.get("msg", "invalid").removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             message = "unknown or unsupported field"
         elif err.get("type") == "json_invalid":
             message = "the body is not valid JSON"
-        parts.append(f"{field}: {message}")
-    return "; ".join(parts), first
+        if message not in by_field.setdefault(field, []):
+            by_field[field].append(message)
+    parts = [f"{field}: {' or '.join(messages)}" for field, messages in list(by_field.items())[:most]]
+    if len(by_field) > most:
+        parts.append(f"and {len(by_field) - most} more fields")
+    return "; ".join(parts), next(iter(by_field), None)
+
+
+# The names pydantic gives a union's branches in an error's location ("prompt.str", "prompt.list[str].0").
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|none|dict|list)$|\[")
+
+
+def _field_name(loc) -> str:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts[:1] + [p for p in parts[1:] if not _UNION_BRANCH.search(p)]) or "body"

@@ -1,51 +1,222 @@
 """The generator endpoint: a Ray Serve deployment whose replicas each hold an engine, speaking OpenAI's API.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``"stream": true``), ``GET /v1/models``
-and ``GET /health``. Soft prompts are served as models of their own (the way vLLM serves LoRA adapters): a request
-for model ``medical`` is generated with the ``medical`` soft prompt before its tokens.
+and ``GET /health``; ``/docs``, ``/redoc`` and ``/openapi.json`` only when asked for (``api_docs``). Soft prompts are
+served as models of their own (the way vLLM serves LoRA adapters): a request for model ``medical`` is generated with
+the ``medical`` soft prompt before its tokens.
+
+Every answer that is not a success is OpenAI's ``{"error": {...}}`` body: a 4xx for anything the client sent
+(FastAPI's own 404/405/validation errors included), a 500 without traceback text for a fault of ours. A request
+passes ``RequestGate`` first (API key, then body size and type), then the request models' strict types and
+``RequestLimits``, then the engine's checks (prompt tokens, context, total work, the JSON schema compiling).
 
 A replica runs one generation at a time (the engine batches within a request); requests waiting on it count as its
 ongoing requests, which is what Serve's autoscaler scales on.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the route signatures' types at run time, inside a
-# replica where cloudpickle kept only the globals the method bodies use.
+# replica where cloudpickle kept only the globals the method bodies use. For the same reason every helper the
+# deployment's methods call is defined above the class: ``serve.ingress`` pickles the routes while the module is
+# still being read.
 import asyncio
 import hmac
+import json
 import logging
 import os
-from typing import AsyncIterator, Iterator, Optional
+from email.message import Message
+from typing import AsyncIterator, Iterator, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import openai_api as oa
-from .engines import SamplingParams, load_engine
+from .engines import SamplingParams, UnsatisfiableSchema, load_engine
 from .soft_prompt import load_soft_prompt
 
 logger = logging.getLogger("ray.serve")
 api = FastAPI(title="domainsynth generator", description="OpenAI-compatible completions from a domain generator")
+# FastAPI's documentation routes exist on every app; RequestGate answers 404 for them unless the app was asked for
+# them (the app object is shared by every deployment in a process, so it cannot be built per deployment).
+DOCS_PATHS = frozenset(p for p in (api.docs_url, api.redoc_url, api.openapi_url, api.swagger_ui_oauth2_redirect_url)
+                       if p)
+UNAUTHENTICATED_PATHS = frozenset({"/health"})  # probes need no key
+ROUTES = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health"
+
+
+class ErrorResponse(JSONResponse):
+    """OpenAI's error body, as ASCII JSON: a message quoting the client's lone surrogates cannot fail to encode
+    (Starlette's JSONResponse writes UTF-8, which has no bytes for them)."""
+
+    def __init__(self, error: oa.APIError, headers: Optional[dict] = None):
+        super().__init__(error.body(), status_code=error.status, headers=headers)
+
+    def render(self, content) -> bytes:
+        return json.dumps(content).encode("ascii")
 
 
 @api.exception_handler(oa.APIError)
 async def _api_error(request: Request, error: oa.APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return ErrorResponse(error)
 
 
 @api.exception_handler(RequestValidationError)
 async def _bad_body(request: Request, error: RequestValidationError) -> JSONResponse:
     message, field = oa.validation_message(error.errors())
-    return JSONResponse(oa.APIError(400, message, param=field).body(), status_code=400)
+    return ErrorResponse(oa.APIError(400, message, param=field))
 
 
 @api.exception_handler(ValidationError)
 async def _bad_parameters(request: Request, error: ValidationError) -> JSONResponse:
     """Out-of-range sampling parameters, found when a request becomes SamplingParams."""
     message, field = oa.validation_message(error.errors())
-    return JSONResponse(oa.APIError(400, message, param=field).body(), status_code=400)
+    return ErrorResponse(oa.APIError(400, message, param=field))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's and Starlette's own refusals (unknown path, wrong method, an unreadable body) in OpenAI's shape."""
+    where = f"{request.method} {request.url.path}"[:200]
+    if error.status_code == 404:
+        message, code = f"Invalid URL ({where}); this endpoint serves {ROUTES}", "unknown_url"
+    elif error.status_code == 405:
+        allowed = (error.headers or {}).get("Allow", "")
+        message, code = f"Method not allowed ({where}); allowed: {allowed}", "method_not_allowed"
+    else:
+        message, code = f"{error.detail}", None
+    kind = "server_error" if error.status_code >= 500 else "invalid_request_error"
+    return ErrorResponse(oa.APIError(error.status_code, message, type=kind, code=code), headers=error.headers)
+
+
+class RequestGate:
+    """Pure ASGI middleware, first to see every request: the API key (from the headers, before the body is read,
+    so that a stranger's malformed body is a 401 and not a validation report), the documentation switch, the body
+    size (413) and type (415), and a last resort that turns an unexpected exception into OpenAI's 500 body, with
+    the traceback in the replica's log rather than in the answer. Its settings are those of the deployment the
+    replica runs (``current_deployment``)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            refusal, receive = await self._screen(scope, receive)
+            if refusal is not None:
+                await ErrorResponse(refusal)(scope, receive, tracked_send)
+                return
+            await self.app(scope, receive, tracked_send)
+        except _ClientGone:
+            return
+        except Exception:
+            logger.exception("request %s %s failed", scope.get("method"), scope.get("path"))
+            if not started:  # once the answer has begun there is no status left to change
+                error = oa.APIError(500, "internal server error (the server log has the details)",
+                                    type="server_error")
+                await ErrorResponse(error)(scope, receive, send)
+
+    async def _screen(self, scope, receive):
+        """(a refusal or None, the receive function the app should read the body from)."""
+        server = current_deployment()
+        path, headers = route_path(scope), Headers(scope=scope)
+        if path not in UNAUTHENTICATED_PATHS and not server.key_accepted(headers.get("authorization")):
+            return oa.APIError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                               type="authentication_error", code="invalid_api_key"), receive
+        if path in DOCS_PATHS and not server.api_docs:
+            return oa.APIError(404, f"Invalid URL ({scope.get('method')} {path}); API docs are off (serve.api_docs)",
+                               code="unknown_url"), receive
+        limit = server.limits.max_body_bytes
+        declared = headers.get("content-length")
+        if declared is not None and not declared.strip().isdigit():
+            return oa.APIError(400, "Content-Length is not a number", param="body"), receive
+        if declared is not None and int(declared) > limit:
+            return _too_large(limit), receive
+        body = await read_body(receive, limit)
+        if body is None:
+            return _too_large(limit), receive
+        if body and not is_json(headers.get("content-type")):
+            return oa.APIError(415, "the body must be JSON, sent with 'Content-Type: application/json'",
+                               param="body", code="unsupported_media_type"), receive
+        return None, replay(body, receive)
+
+
+def current_deployment() -> "GeneratorServer":
+    """The deployment instance this replica runs (how Serve hands class-based routes their ``self`` too)."""
+    return serve.get_replica_context().servable_object
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its body arrived: there is nobody to answer."""
+
+
+def _too_large(limit: int) -> oa.APIError:
+    return oa.APIError(413, f"body: larger than this endpoint's limit of {limit} bytes (serve.limits.max_body_bytes)",
+                       param="body", code="limit_exceeded")
+
+
+def route_path(scope) -> str:
+    """The path within the application (Serve passes the full path, with its route prefix as ``root_path``)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "").rstrip("/")
+    if root and path.startswith(root):
+        return path[len(root):] or "/"
+    return path
+
+
+def is_json(content_type: Optional[str]) -> bool:
+    """``application/json`` or ``application/...+json``, with any parameters (``; charset=utf-8``)."""
+    if not content_type:
+        return False
+    message = Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+async def read_body(receive, limit: int) -> Optional[bytes]:
+    """The whole request body, or None as soon as it passes ``limit`` bytes (a chunked body declares no length)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def replay(body: bytes, receive):
+    """A receive function that hands the app the body already read, then the client's later messages (a streamed
+    answer listens on it for the client's disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed():
+        return pending.pop() if pending else await receive()
+
+    return replayed
+
+
+api.add_middleware(RequestGate)
+
+
+def schema_error(error: UnsatisfiableSchema) -> oa.APIError:
+    return oa.APIError(400, f"response_format: {error}", param="response_format", code="invalid_json_schema")
 
 
 DEPLOYMENT_NAME = "generator"  # what a Serve config file's `deployments` entries name
@@ -56,7 +227,8 @@ DEPLOYMENT_NAME = "generator"  # what a Serve config file's `deployments` entrie
 class GeneratorServer:
     def __init__(self, model: str, engine: str = "transformers", engine_options: Optional[dict] = None,
                  served_model_name: Optional[str] = None, soft_prompts: Optional[dict] = None,
-                 api_key: Optional[str] = None, default_max_tokens: int = 16):
+                 api_key: Optional[str] = None, default_max_tokens: int = 16,
+                 limits: Optional[oa.RequestLimits] = None, api_docs: bool = False):
         self.engine = load_engine(model, engine, **(engine_options or {}))
         self.engine_kind = engine
         self.base_model = served_model_name or os.path.basename(model.rstrip("/"))
@@ -67,6 +239,8 @@ class GeneratorServer:
             self.prefixes[name] = prefix
         self.api_key = api_key
         self.default_max_tokens = default_max_tokens
+        self.limits = limits or oa.RequestLimits()
+        self.api_docs = api_docs
         self._engine_lock = asyncio.Lock()
 
     @api.get("/health")
@@ -74,8 +248,7 @@ class GeneratorServer:
         return {"status": "ok", "model": self.base_model, "engine": self.engine_kind}
 
     @api.get("/v1/models")
-    async def models(self, request: Request) -> dict:
-        self._authorise(request)
+    async def models(self) -> dict:
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "domainsynth",
              "root": self.base_model, "parent": None if prefix is None else self.base_model,
@@ -84,67 +257,98 @@ class GeneratorServer:
             for name, prefix in self.prefixes.items()]}
 
     @api.post("/v1/completions")
-    async def completions(self, body: oa.CompletionRequest, request: Request):
-        self._authorise(request)
+    async def completions(self, body: oa.CompletionRequest):
         prefix = self._prefix(body.model)
-        params = body.sampling_params(self.default_max_tokens)
-        for i, prompt in enumerate(body.prompts):
-            self._check_fits(prompt, prefix, params, "prompt" if isinstance(body.prompt, str) else f"prompt.{i}")
+        params = self._sampling_params(body)
+        lengths = [self._prompt_tokens(prompt, prefix, params, body.prompt_field(i))
+                   for i, prompt in enumerate(body.prompts)]
+        self._check_work(lengths, params)
         if body.stream:
             return self._sse(self._completion_events(body, params, prefix))
         results = await self._run(self.engine.generate, body.prompts, params, prefix)
         return oa.completion_response(body.model, body.prompts, results, body.echo)
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, body: oa.ChatCompletionRequest, request: Request):
-        self._authorise(request)
+    async def chat_completions(self, body: oa.ChatCompletionRequest):
         prefix = self._prefix(body.model)
-        params = body.sampling_params(self.default_max_tokens)
+        params = self._sampling_params(body)
         try:
             prompt = self.engine.chat_prompt([m.model_dump(exclude_none=True) for m in body.messages])
         except Exception as e:  # the model's chat template refused the conversation (e.g. roles out of order)
             raise oa.APIError(400, f"messages: the model's chat template refused them: {e}", param="messages")
-        self._check_fits(prompt, prefix, params, "messages")
+        self._check_work([self._prompt_tokens(prompt, prefix, params, "messages")], params)
         if body.stream:
             return self._sse(self._chat_events(body, prompt, params, prefix))
         results = await self._run(self.engine.generate, [prompt], params, prefix)
         return oa.chat_response(body.model, results[0])
 
-    # -- checks ----------------------------------------------------------------------------------------------------
+    # -- checks (cheapest first) -------------------------------------------------------------------------------------
 
-    def _authorise(self, request: Request) -> None:
+    def key_accepted(self, authorization: Optional[str]) -> bool:
+        """Whether an ``Authorization`` header carries this deployment's key (always, when it has none)."""
         if self.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
+            return True
+        given = authorization or ""
         token = given[7:] if given.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
-            raise oa.APIError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                              type="authentication_error", code="invalid_api_key")
+        return hmac.compare_digest(token.encode(), self.api_key.encode())
 
     def _prefix(self, model: str):
         if model not in self.prefixes:
-            raise oa.APIError(404, f"model {model!r} does not exist here; served: {', '.join(self.prefixes)}",
+            raise oa.APIError(404, f"model {model[:100]!r} does not exist here; served: {', '.join(self.prefixes)}",
                               param="model", code="model_not_found")
         return self.prefixes[model]
 
-    def _check_fits(self, prompt: str, prefix, params: SamplingParams, field: str) -> None:
-        overflow = self.engine.context_overflow(prompt, params, prefix)
+    def _sampling_params(self, body: Union[oa.CompletionRequest, oa.ChatCompletionRequest]) -> SamplingParams:
+        """The request's limits, then its parameters' ranges (a 400 from SamplingParams), then its JSON schema."""
+        body.check_limits(self.limits, self.default_max_tokens)
+        params = body.sampling_params(self.default_max_tokens)
+        if params.json_schema is not None:
+            problem = self.engine.json_schema_problem(params.json_schema)
+            if problem:
+                raise oa.APIError(400, f"response_format: the JSON schema cannot be used for structured output: "
+                                       f"{problem}", param="response_format", code="invalid_json_schema")
+        return params
+
+    def _prompt_tokens(self, prompt: str, prefix, params: SamplingParams, field: str) -> int:
+        """The prompt's length in tokens, soft prompt included, once it is known to be neither empty nor too long."""
+        tokens = self.engine.prompt_length(prompt, prefix)
+        if tokens == 0:  # vLLM's OpenAI server refuses these too ("the decoder prompt cannot be empty")
+            raise oa.APIError(400, f"{field}: the prompt is empty: it has no tokens (this model's tokenizer adds no "
+                                   f"BOS token)", param=field)
+        overflow = self.engine.context_overflow(prompt, params, prefix, tokens=tokens)
         if overflow:
             raise oa.APIError(400, f"{field}: {overflow}", param=field, code="context_length_exceeded")
+        return tokens
+
+    def _check_work(self, prompt_tokens: list[int], params: SamplingParams) -> None:
+        """One request's work, n x (prompt tokens + max_tokens) summed over its prompts, within the limit."""
+        total = params.n * sum(tokens + params.max_tokens for tokens in prompt_tokens)
+        if total > self.limits.max_total_tokens:
+            raise oa.APIError(
+                400, f"max_tokens: {len(prompt_tokens)} prompt(s) x n {params.n} x (prompt tokens + max_tokens "
+                     f"{params.max_tokens}) = {total} tokens is over this endpoint's limit of "
+                     f"{self.limits.max_total_tokens} (serve.limits.max_total_tokens)",
+                param="max_tokens", code="limit_exceeded")
 
     # -- generation --------------------------------------------------------------------------------------------------
 
     async def _run(self, fn, *args):
         """One engine call at a time per replica, off the event loop so health checks and queueing go on."""
         async with self._engine_lock:
-            return await asyncio.to_thread(fn, *args)
+            try:
+                return await asyncio.to_thread(fn, *args)
+            except UnsatisfiableSchema as e:
+                raise schema_error(e) from None
 
     async def _deltas(self, prompt: str, params: SamplingParams, prefix) -> AsyncIterator:
         async with self._engine_lock:
             deltas: Iterator = self.engine.stream(prompt, params, prefix)
             done = object()
-            while (delta := await asyncio.to_thread(next, deltas, done)) is not done:
-                yield delta
+            try:
+                while (delta := await asyncio.to_thread(next, deltas, done)) is not done:
+                    yield delta
+            except UnsatisfiableSchema as e:
+                raise schema_error(e) from None
 
     def _choices(self, prompts: list[str], params: SamplingParams) -> Iterator[tuple[int, str, SamplingParams]]:
         """(choice index, prompt, params) for each streamed choice: choices are written one after another, and with
@@ -186,9 +390,12 @@ class GeneratorServer:
             try:
                 async for event in events:
                     yield oa.sse(event)
-            except Exception as e:  # headers are gone already: the error travels as an event, then the stream ends
+            except oa.APIError as e:  # headers are gone already: the error travels as an event, then the stream ends
+                yield oa.sse(e.body())
+            except Exception:
                 logger.exception("generation failed mid-stream")
-                yield oa.sse(oa.APIError(500, f"generation failed: {e}", type="server_error").body())
+                yield oa.sse(oa.APIError(500, "generation failed (the server log has the details)",
+                                         type="server_error").body())
             yield oa.sse("[DONE]")
 
         return StreamingResponse(body(), media_type="text/event-stream")
@@ -196,10 +403,17 @@ class GeneratorServer:
 
 def generator_app(model: str, *, engine: str = "transformers", engine_options: dict | None = None,
                   served_model_name: str | None = None, soft_prompts: dict[str, str] | None = None,
-                  api_key: str | None = None, default_max_tokens: int = 16, autoscaling_config: dict | None = None,
-                  num_replicas: int | None = None, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                  max_ongoing_requests: int = 8, runtime_env: dict | None = None) -> serve.Application:
-    """The bound application: ``autoscaling_config`` (Serve's own keys) or a fixed ``num_replicas``."""
+                  api_key: str | None = None, default_max_tokens: int = 16,
+                  limits: oa.RequestLimits | dict | None = None, api_docs: bool = False,
+                  autoscaling_config: dict | None = None, num_replicas: int | None = None, num_cpus: float = 1.0,
+                  num_gpus: float = 0.0, max_ongoing_requests: int = 8,
+                  runtime_env: dict | None = None) -> serve.Application:
+    """The bound application: ``autoscaling_config`` (Serve's own keys) or a fixed ``num_replicas``. ``limits``:
+    what one request may ask (``RequestLimits`` or its fields; defaults otherwise); ``api_docs``: serve ``/docs``,
+    ``/redoc`` and ``/openapi.json``."""
+    limits = oa.RequestLimits.model_validate(limits or {})
+    if default_max_tokens > limits.max_tokens:  # every request without max_tokens would be refused
+        raise ValueError(f"default_max_tokens ({default_max_tokens}) is above limits.max_tokens ({limits.max_tokens})")
     actor_options: dict = {"num_cpus": num_cpus, "num_gpus": num_gpus}
     if runtime_env:
         actor_options["runtime_env"] = runtime_env
@@ -212,5 +426,5 @@ def generator_app(model: str, *, engine: str = "transformers", engine_options: d
         engine_options = {"torch_threads": max(1, round(num_cpus)), **(engine_options or {})}
     return GeneratorServer.options(**options).bind(
         model, engine=engine, engine_options=engine_options, served_model_name=served_model_name,
-        soft_prompts=soft_prompts, api_key=api_key, default_max_tokens=default_max_tokens)
-
+        soft_prompts=soft_prompts, api_key=api_key, default_max_tokens=default_max_tokens, limits=limits,
+        api_docs=api_docs)

@@ -23,7 +23,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", metavar="ADDR",
                    help="Ray cluster to join ('auto', 'ray://head:10001'); default: start an embedded local Ray "
                         "with all of this machine's CPUs")
-    p.add_argument("--num-cpus", type=int, metavar="N", help="CPUs for the embedded local Ray (default: all)")
+    p.add_argument("--num-cpus", type=_positive_int, metavar="N",
+                   help="CPUs for the embedded local Ray (default: all)")
     _add_overrides(p, "select.keep_fraction=0.05")
 
 
@@ -288,9 +289,15 @@ def _add_cluster_commands(sub) -> None:
         description="Validate RECIPE.yaml, pack it with its local inputs (files, folders, model folders; URIs and "
                     "Hugging Face ids stay as they are) into the job's working_dir, submit 'domainsynth run' to the "
                     "cluster at --address, print the job id, then wait for the job (printing its status), follow its "
-                    "logs (--follow) or return at once (--no-wait). Exits 0 only when the job succeeded.")
+                    "logs (--follow) or return at once (--no-wait). Exits 0 only when the job succeeded. Staging "
+                    "leaves out what the inputs' .gitignore/.rayignore files exclude and, whatever they say, secrets "
+                    "(.env*, .git/, .ray/, SSH and TLS keys, cloud and registry logins); a file holding a private key "
+                    "stops it. --dry-run lists what would go, without contacting a cluster.")
     submit.add_argument("recipe", metavar="RECIPE.yaml")
     _add_address(submit)
+    submit.add_argument("--dry-run", action="store_true",
+                        help="list what the job's working_dir would hold (each file, its size, the total) and what "
+                             "is left out and why; sends nothing, contacts no cluster, needs no --address")
     mode = submit.add_mutually_exclusive_group()
     mode.add_argument("--follow", action="store_true", help="print the job's logs as they come, until it ends")
     mode.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
@@ -470,7 +477,7 @@ def demo_model(folder: str = os.path.join("models", "tiny-llama-4k")) -> str:
 def _with_ray_flags(recipe: Recipe, args: argparse.Namespace) -> Recipe:
     if args.address:
         recipe.ray.address = args.address
-    if args.num_cpus:
+    if args.num_cpus is not None:
         recipe.ray.num_cpus = args.num_cpus
     return recipe
 
@@ -572,12 +579,19 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             serve_until_stopped(recipe)
+        except ConnectionError as e:  # --address names no cluster
+            print(f"domainsynth: error: {e}", file=sys.stderr)
+            return 2
         except (ValueError, RuntimeError) as e:  # a backend that cannot be built, a deployment that failed
             print(f"domainsynth: error: {e}", file=sys.stderr)
             return 1
         return 0
     started = time.perf_counter()
-    started_ray = ray_runtime.connect(recipe.ray)
+    try:
+        started_ray = ray_runtime.connect(recipe.ray)
+    except (ValueError, ConnectionError) as e:
+        print(f"domainsynth: error: {e}", file=sys.stderr)
+        return 2
     try:
         reports = run_recipe(recipe)
     except StageError as e:  # found only once the stage ran (an empty corpus, a corpus changed under the index)

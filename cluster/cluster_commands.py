@@ -1,7 +1,8 @@
 """The cluster commands of the CLI: ``submit``, ``jobs list|status|logs|stop`` and ``k8s render|validate``.
 
-Exit status: 0 done (a submitted job: succeeded), 1 the cluster or the job failed, 2 a bad recipe, argument or
-setting (found before anything is sent), 130 stopped waiting with Ctrl-C (the job goes on).
+Exit status: 0 done (a submitted job: succeeded; ``submit --dry-run``: it could be sent), 1 the cluster or the
+job failed, 2 a bad recipe, argument or setting, or an input staging refuses (found before anything is sent), 130
+stopped waiting with Ctrl-C (the job goes on).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import yaml
 from ..pipelines.recipe import STAGE_ORDER, RecipeError, load_recipe
 from ..pipelines.rundir import StageError
 from ..pipelines.runner import preflight
-from . import submit as jobs_api
+from . import staging, submit as jobs_api
 
 
 def run_cluster_command(args: argparse.Namespace) -> int:
@@ -85,13 +86,25 @@ def submit_command(args: argparse.Namespace) -> int:
     if not recipe.has_stage():
         raise RecipeError(f"{args.recipe}: no stage to run ({', '.join(STAGE_ORDER)})")
     preflight(recipe)  # a missing input or a broken template fails here, before anything is uploaded
+    plan = staging.plan_staging(recipe)  # so does an input staging refuses, before any cluster is contacted
+    if args.dry_run:
+        return _dry_run(plan)
+    staging.check_plan(plan)
     client, address = jobs_api.connect(args.address)
-    job_id = jobs_api.submit(client, recipe, args.recipe, args.job_id)
+    job_id = jobs_api.submit(client, recipe, args.recipe, args.job_id, plan=plan)
     print(f"Submitted job {job_id} to {address} (dashboard: {address}/#/jobs/{job_id})", flush=True)
     if args.no_wait:
         print(f"Follow it with: domainsynth jobs logs {job_id} --follow --address {address}")
         return 0
     return _wait_for(client, job_id, args.follow)
+
+
+def _dry_run(plan: staging.StagingPlan) -> int:
+    """Print what the job's working_dir would hold; no cluster is contacted. Fails as submit would: 2 when staging
+    refuses (a private key, a secret named as an input), 1 beyond the upload limit."""
+    print(staging.describe(plan), flush=True)
+    staging.check_plan(plan)
+    return 0
 
 
 def _wait_for(client, job_id: str, follow: bool) -> int:

@@ -43,6 +43,13 @@ def serve_until_stopped(recipe: Recipe, echo: Callable[[str], None] = print,
              f"{scale.min_replicas}-{scale.max_replicas} replicas")
         echo(f"  OpenAI API: {url}/v1   (POST /v1/completions, /v1/chat/completions; GET /v1/models)")
         echo(f"  health:     {url}/health")
+        if cfg.api_docs:
+            echo(f"  API docs:   {url}/docs")
+        if cfg.backend == "domainsynth":  # ray-serve-llm applies vLLM's own checks
+            limits = cfg.limits
+            echo(f"  limits:     {limits.max_prompts} prompts x n {limits.max_n}, max_tokens {limits.max_tokens}, "
+                 f"{limits.max_total_tokens} tokens of work, {limits.max_body_bytes} body bytes per request "
+                 f"(serve.limits)")
         echo("Ctrl-C stops it.")
         while not until():
             time.sleep(0.5)

@@ -2,7 +2,8 @@
 
 A submission packs the recipe and its local inputs (files, folders, model folders) into a staging folder that
 becomes the job's ``working_dir``: Ray uploads it to the cluster and unpacks it on every node, and the job runs
-``domainsynth run recipe.yaml`` there. URIs (s3://, gs://) and Hugging Face ids travel as they are.
+``domainsynth run recipe.yaml`` there. URIs (s3://, gs://) and Hugging Face ids travel as they are. What is staged,
+and what never is, is ``staging.py``'s business.
 
 Authentication follows Ray's token auth: with ``RAY_AUTH_MODE=token`` a token is required (``RAY_AUTH_TOKEN``,
 the file named by ``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``) and sent; otherwise none is sent (as Ray's
@@ -15,21 +16,16 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
-import pyarrow.fs as pafs
 import requests
-import yaml
 
-from ..pipelines.paths import glob_base, glob_matches, is_glob, is_uri
-from ..pipelines.recipe import Recipe, travelling_recipe
+from ..pipelines.recipe import Recipe
+from .staging import StagingPlan, stage
 
-# The dashboard refuses request bodies above this (ray_constants.DASHBOARD_CLIENT_MAX_SIZE): the zipped working_dir.
-UPLOAD_LIMIT_BYTES = 100 * 1024**2
 CONNECT_TIMEOUT_S = 5.0
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 PORT_FORWARD_HINT = "on Kubernetes: kubectl port-forward svc/CLUSTER-head-svc 8265:8265"
@@ -111,87 +107,12 @@ def connect(address: str | None):
     return JobSubmissionClient(url, headers=headers), url
 
 
-# --- the working directory that carries the recipe ----------------------------------------------------------------
-
-def stage(recipe: Recipe, into: str, echo: Callable[[str], None] = print) -> str:
-    """Write ``into/recipe.yaml`` with every local input copied under ``into/inputs``; returns the recipe's name
-    there. Inputs are measured before anything is copied. ``run_dir`` stays where it is (a URI, or a local path the
-    cluster's machines write to)."""
-    sizes: dict[str, int] = {}
-
-    def measure(field: str, path: str) -> str:
-        sizes.setdefault(path, _input_bytes(path))
-        return path
-
-    travelling_recipe(recipe, measure)
-    total = sum(sizes.values())
-    if total > UPLOAD_LIMIT_BYTES:
-        largest = sorted(sizes, key=sizes.get, reverse=True)[:3]
-        raise SubmitError(f"the recipe's local inputs come to {_size(total)}; the Ray Jobs API uploads at most "
-                          f"{_size(UPLOAD_LIMIT_BYTES)}: put the big ones ("
-                          + ", ".join(f"{p} {_size(sizes[p])}" for p in largest) + ") on s3:// or gs://")
-
-    staged: dict[str, str] = {}
-
-    def copy(field: str, path: str) -> str:
-        if path not in staged:
-            staged[path] = _copy_input(path, os.path.join(into, "inputs", str(len(staged))))
-        return "./" + os.path.relpath(staged[path], into)
-
-    raw = travelling_recipe(recipe, copy)
-    if recipe.run_dir and not is_uri(recipe.run_dir):
-        raw["run_dir"] = os.path.abspath(recipe.run_dir)
-        echo(f"run_dir {raw['run_dir']} is a local path: the job writes it on the cluster's machines (right for a "
-             f"local cluster or a volume they share; use s3://... or gs://... for a remote one)")
-    with open(os.path.join(into, "recipe.yaml"), "w", encoding="utf-8") as f:
-        yaml.safe_dump(raw, f, sort_keys=False)
-    return "recipe.yaml"
-
-
-# Ray's packaging of a working_dir honours these files: copied along, they could leave inputs out of the upload.
-_RAY_IGNORE_FILES = shutil.ignore_patterns(".gitignore", ".rayignore")
-
-
-def _copy_input(path: str, slot: str) -> str:
-    """Copy a file, a folder or a glob's matches (as the stages expand it) into ``slot``; the path that now names
-    the same input."""
-    if is_glob(path):
-        base = glob_base(path)
-        for match in glob_matches(pafs.LocalFileSystem(), path):
-            target = os.path.join(slot, os.path.relpath(match, base))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.copy2(match, target)
-        return os.path.join(slot, os.path.relpath(path, base))
-    target = os.path.join(slot, os.path.basename(path.rstrip("/")))
-    os.makedirs(slot, exist_ok=True)
-    if os.path.isdir(path):
-        shutil.copytree(path, target, ignore=_RAY_IGNORE_FILES)
-    else:
-        shutil.copy2(path, target)
-    return target
-
-
-def _input_bytes(path: str) -> int:
-    if is_glob(path):
-        return sum(os.path.getsize(m) for m in glob_matches(pafs.LocalFileSystem(), path))
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
-
-
-def _size(n: int) -> str:
-    for power, unit in ((3, "GiB"), (2, "MiB"), (1, "KiB")):
-        if n >= 1024**power:
-            return f"{n / 1024**power:,.1f} {unit}"
-    return f"{n:,} B"
-
-
 # --- submitting and following -------------------------------------------------------------------------------------
 
 def submit(client, recipe: Recipe, recipe_path: str, job_id: str | None = None,
-           echo: Callable[[str], None] = print) -> str:
+           echo: Callable[[str], None] = print, plan: StagingPlan | None = None) -> str:
     with tempfile.TemporaryDirectory(prefix="domainsynth-job-") as staging:
-        name = stage(recipe, staging, echo)
+        name = stage(recipe, staging, echo, plan)
         try:
             return client.submit_job(
                 entrypoint=f"domainsynth run {name}", submission_id=job_id, runtime_env={"working_dir": staging},

@@ -8,9 +8,10 @@ null, so that the stage can write it to ``quarantine.jsonl`` with file, line and
 from __future__ import annotations
 
 import contextlib
-
 import io
 import json
+import re
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -38,6 +39,17 @@ RAW = "_raw"  # the offending line, truncated, on quarantined rows only
 PROVENANCE_COLUMNS = (SOURCE_FILE, SOURCE_LINE, ORDER, QUARANTINE_REASON, RAW)
 RAW_PREVIEW_CHARS = 500
 ROWS_PER_BLOCK = 4096
+# Limits on one JSONL row (docs/recipes.md, "Input limits"); a row past one is quarantined, never parsed.
+# Nesting: Arrow's C++ JSON reader crashes its process somewhere between 10^4 and 10^5 levels and Python's json
+# recurses past ~10^3, while real documents nest a few levels.
+MAX_JSON_DEPTH = 64
+# Length: a line is held in memory whole; a file without newlines must not be.
+MAX_LINE_BYTES = 16 * 1024**2
+READ_CHUNK_BYTES = 1 << 20  # at most MAX_LINE_BYTES: only a line crossing chunks can be over-long
+BLOCK_BYTES = 64 * 1024**2  # a block is cut early when its lines reach this, whatever ROWS_PER_BLOCK says
+# A read task that dies (not raises: a crashed worker process) is retried this often, then the stage fails; Ray
+# Data's default, unbounded retries, would turn a row that crashes a parser into a run that never ends.
+READ_TASK_RETRIES = 3
 # CPUs a read task asks for beside model-holding actor pools: parsing is light (Arrow's C++ JSON reader), and a
 # pool that held every CPU would leave no room for a read task and stall the pipeline.
 READ_TASK_CPUS = 0.25
@@ -88,6 +100,8 @@ class CorpusDatasource(FileBasedDatasource):
     def _open_input_source(self, filesystem, path: str, **open_args):
         if path.endswith(PARQUET_SUFFIXES):  # Parquet needs random access, not a stream
             return filesystem.open_input_file(path)
+        if path.endswith(".gz"):
+            return GunzipStream(filesystem.open_input_stream(path, compression=None))
         return super()._open_input_source(filesystem, path, **open_args)
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
@@ -144,58 +158,81 @@ class _FileBlocks:
 
     def jsonl(self, f, wanted=None) -> Iterator[pa.Table]:
         wanted = None if wanted is None else set(wanted.tolist())
-        lines: list[bytes] = []
+        lines: list[bytes | None] = []  # None: a line set aside before parsing (its reason in ``problems``)
         numbers: list[int] = []
-        for number, line in enumerate(_iter_lines(f), 1):
+        problems: dict[int, tuple[str, str | None]] = {}  # position in the block -> (reason, raw preview)
+        size = 0
+        for number, (line, problem) in enumerate(_iter_lines(f), 1):
             if wanted is not None and number not in wanted:
                 continue  # skipped before any parsing: the select stage's writing pass parses only the rows it keeps
-            if not line.strip():
-                continue  # blank lines are not rows
+            if problem is None:
+                if not line.strip():
+                    continue  # blank lines are not rows
+                size += len(line)
+                # Inline, the cheap bound on the nesting depth: most lines never pay for the exact count.
+                if line.count(b"[") + line.count(b"{") > MAX_JSON_DEPTH:
+                    problem = _nesting_problem(line)
+            if problem is not None:
+                problems[len(lines)] = problem
+                line = None
             lines.append(line)
             numbers.append(number)
-            if len(lines) >= ROWS_PER_BLOCK:
-                yield self._jsonl_block(lines, numbers)
-                lines, numbers = [], []
+            if len(lines) >= ROWS_PER_BLOCK or size >= BLOCK_BYTES:
+                yield self._jsonl_block(lines, numbers, problems)
+                lines, numbers, problems, size = [], [], {}, 0
         if lines:
-            yield self._jsonl_block(lines, numbers)
+            yield self._jsonl_block(lines, numbers, problems)
 
-    def _jsonl_block(self, lines: list[bytes], numbers: list[int]) -> pa.Table:
-        data = b"\n".join(lines)
-        try:
-            table = pajson.read_json(io.BytesIO(data), read_options=pajson.ReadOptions(
-                use_threads=False, block_size=len(data) + 1))
-            table.validate(full=True)  # Arrow's JSON reader does not check UTF-8 itself
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-            table = None
-        if table is not None and table.num_rows == len(lines):
-            block = self._finish(table, numbers, lambda i: lines[i][:RAW_PREVIEW_CHARS].decode("utf-8", "replace"))
-            if block is not None:
-                return block
+    def _jsonl_block(self, lines: list[bytes | None], numbers: list[int],
+                     problems: dict[int, tuple[str, str | None]]) -> pa.Table:
+        if not problems:
+            data = b"\n".join(lines)
+            try:
+                table = pajson.read_json(io.BytesIO(data), read_options=pajson.ReadOptions(
+                    use_threads=False, block_size=len(data) + 1))
+                table.validate(full=True)  # Arrow's JSON reader does not check UTF-8 itself
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                table = None
+            if table is not None and table.num_rows == len(lines):
+                block = self._finish(table, numbers, lambda i: lines[i][:RAW_PREVIEW_CHARS].decode("utf-8", "replace"))
+                if block is not None:
+                    return block
         builder = _BlockBuilder(self.file_index, self.key, self.text_field, self.id_field)
-        for number, line in zip(numbers, lines):
-            builder.add(number, *_parse_line(line))
+        for i, (number, line) in enumerate(zip(numbers, lines)):
+            if i in problems:
+                builder.add(number, None, *problems[i])
+            else:
+                builder.add(number, *parse_json_line(line))
         return builder.flush()
 
     def parquet(self, f, wanted=None) -> Iterator[pa.Table]:
-        """The "line" of a Parquet row is its 1-based position in the file."""
+        """The "line" of a Parquet row is its 1-based position in the file. A file that cannot be read (corrupt,
+        truncated, not Parquet) yields the rows before the break and one quarantined row where it broke."""
         first = 1
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BLOCK):
-            positions = np.arange(first, first + batch.num_rows)
-            first += batch.num_rows
-            if wanted is not None:
-                keep = np.isin(positions, wanted)
-                positions, batch = positions[keep], batch.filter(pa.array(keep))
-            if not batch.num_rows:
-                continue
-            table = pa.Table.from_batches([batch])
-            block = self._finish(table, positions.tolist(), lambda i: json.dumps(
-                table.slice(i, 1).to_pylist()[0], ensure_ascii=False, default=str)[:RAW_PREVIEW_CHARS])
-            if block is None:
+        try:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BLOCK):
+                positions = np.arange(first, first + batch.num_rows)
+                first += batch.num_rows
+                if wanted is not None:
+                    keep = np.isin(positions, wanted)
+                    positions, batch = positions[keep], batch.filter(pa.array(keep))
+                if batch.num_rows:
+                    yield self._parquet_block(pa.Table.from_batches([batch]), positions.tolist())
+        except (OSError, pa.ArrowException) as e:
+            if wanted is None:  # the read-back of chosen rows never chooses the broken row
                 builder = _BlockBuilder(self.file_index, self.key, self.text_field, self.id_field)
-                for position, record in zip(positions.tolist(), table.to_pylist()):
-                    builder.add(position, record, None, None)
-                block = builder.flush()
-            yield block
+                builder.add(first, None, f"unreadable Parquet from row {first} on: {e}", None)
+                yield builder.flush()
+
+    def _parquet_block(self, table: pa.Table, positions: list[int]) -> pa.Table:
+        block = self._finish(table, positions, lambda i: json.dumps(
+            table.slice(i, 1).to_pylist()[0], ensure_ascii=False, default=str)[:RAW_PREVIEW_CHARS])
+        if block is None:
+            builder = _BlockBuilder(self.file_index, self.key, self.text_field, self.id_field)
+            for position, record in zip(positions, table.to_pylist()):
+                builder.add(position, record, None, None)
+            block = builder.flush()
+        return block
 
     def _finish(self, table: pa.Table, numbers: list[int], raw_line) -> pa.Table | None:
         """Validate the text field and add ids and provenance, all vectorised; None when the text or id column has a
@@ -249,55 +286,195 @@ class _FileBlocks:
         return put(table, RAW, pa.array(raw, pa.string()))
 
 
-def _parse_line(raw_line: bytes) -> tuple[Any, str | None, str | None]:
-    """(record, reason, raw) for one non-blank JSONL line."""
+def parse_json_line(raw_line: bytes) -> tuple[Any, str | None, str | None]:
+    """(record, reason, raw) for one non-blank JSONL line: the record when it is a usable JSON object, else None and
+    why (invalid UTF-8 or JSON, nested too deep, a lone surrogate, not an object)."""
     try:
         text = raw_line.decode("utf-8")
     except UnicodeDecodeError as e:
         return None, f"invalid UTF-8: {e.reason} at byte {e.start}", raw_line[:RAW_PREVIEW_CHARS].decode("utf-8", "replace")
+    problem = _nesting_problem(raw_line)
+    if problem is not None:
+        return None, *problem
     try:
         record = json.loads(text)
     except json.JSONDecodeError as e:
         return None, f"invalid JSON: {e.msg} at column {e.colno}", text[:RAW_PREVIEW_CHARS]
     if not isinstance(record, dict):
         return None, f"not a JSON object (got {type(record).__name__})", text[:RAW_PREVIEW_CHARS]
+    if has_lone_surrogate(raw_line, record):
+        return None, LONE_SURROGATE, text[:RAW_PREVIEW_CHARS]
     return record, None, text
+
+
+LONE_SURROGATE = "lone UTF-16 surrogate escape (e.g. \\ud800): not valid Unicode"
+
+
+def has_lone_surrogate(raw_line: bytes, record: Any) -> bool:
+    """Whether a parsed JSON line holds half of a UTF-16 pair. JSON may escape one ("\\ud800"); Python decodes it
+    into a string that no UTF-8 writer (Arrow, Parquet, a tokenizer) accepts, so such a row is refused everywhere
+    (the endpoint refuses it too) rather than mangled. Only lines holding such an escape are walked."""
+    return bool(_SURROGATE_ESCAPE.search(raw_line)) and _has_lone_surrogate(record)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, escapes included (unrolled: fast)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def _nesting_problem(line: bytes) -> tuple[str, str] | None:
+    """(reason, raw preview) when a JSON line nests deeper than MAX_JSON_DEPTH; counted without parsing. The count of
+    opening brackets bounds the depth, so only lines with many of them are scanned (outside strings)."""
+    if line.count(b"[") + line.count(b"{") <= MAX_JSON_DEPTH:
+        return None
+    depth = deepest = 0
+    for bracket in _JSON_STRING.sub(b'""', line).translate(None, _NOT_BRACKETS):
+        depth += 1 if bracket in b"[{" else -1
+        deepest = max(deepest, depth)
+    if deepest <= MAX_JSON_DEPTH:
+        return None
+    return (f"JSON nested {deepest} levels deep (the limit is {MAX_JSON_DEPTH})",
+            line[:RAW_PREVIEW_CHARS].decode("utf-8", "replace"))
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
+class GunzipStream:
+    """A gzip file undone as its bytes stream in. Arrow's own decompressing stream, on finding a file truncated, drops
+    the last megabyte it had decompressed; this one hands out every complete byte before the break and then raises
+    OSError, as it does for a corrupt file. Several members one after another (as gzip and bgzip write them) are
+    read in turn; no read returns more than ``size`` bytes, however well the input compresses."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, raw):
+        self._raw = raw
+        self._gzip = zlib.decompressobj(wbits=31)
+        self._compressed = b""  # read from the file, not yet decompressed
+        self._inside_member = False
+
+    def read(self, size: int = -1) -> bytes:
+        limit = size if size and size > 0 else self.CHUNK
+        while True:
+            data, self._compressed = self._compressed or self._raw.read(self.CHUNK), b""
+            if not data:
+                if self._inside_member:
+                    raise OSError("truncated gzip: the file ends inside a compressed member")
+                return b""
+            try:
+                out = self._gzip.decompress(data, limit)
+            except zlib.error as e:
+                raise OSError(f"corrupt gzip: {e}") from None
+            self._compressed = self._gzip.unconsumed_tail
+            self._inside_member = not self._gzip.eof
+            if self._gzip.eof:  # a member ended: what follows is the next one
+                self._compressed, self._gzip = self._gzip.unused_data, zlib.decompressobj(wbits=31)
+            if out:
+                return out
+
+    def close(self) -> None:
+        self._raw.close()
+
+    def __enter__(self) -> "GunzipStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_jsonl_stream(filesystem, path: str):
+    """A JSONL or JSONL.GZ file as a stream of its (decompressed) bytes."""
+    if path.endswith(".gz"):
+        return GunzipStream(filesystem.open_input_stream(path, compression=None))
+    return filesystem.open_input_stream(path, compression=None)
 
 
 @contextlib.contextmanager
 def open_lines(filesystem, path: str) -> Iterator[Iterator[tuple[int, bytes]]]:
-    """(line number, raw line) of a JSONL/JSONL.GZ file, streamed (gzip undone by the filesystem)."""
-    with filesystem.open_input_stream(path, compression="gzip" if path.endswith(".gz") else None) as f:
-        yield enumerate(_iter_lines(f), 1)
+    """(line number, raw line) of a small JSONL/JSONL.GZ file (few-shots, references), streamed. A line over the
+    limits or a file that breaks off raises ValueError naming the file and line."""
+    with open_jsonl_stream(filesystem, path) as f:
+        yield _lines_or_fail(f, path)
+
+
+def _lines_or_fail(f, path: str) -> Iterator[tuple[int, bytes]]:
+    for number, (line, problem) in enumerate(_iter_lines(f), 1):
+        if problem is None:
+            problem = _nesting_problem(line)
+        if problem is not None:
+            raise ValueError(f"{path}, line {number}: {problem[0]}")
+        yield number, line
 
 
 def _jsonl_records(f) -> Iterator[tuple[int, Any, str | None, str | None]]:
     """(line, record, reason, raw) for each non-blank line; blank lines are not rows."""
-    for line_number, raw_line in enumerate(_iter_lines(f), 1):
-        if raw_line.strip():
-            yield line_number, *_parse_line(raw_line)
+    for line_number, (raw_line, problem) in enumerate(_iter_lines(f), 1):
+        if problem is not None:
+            yield line_number, None, *problem
+        elif raw_line.strip():
+            yield line_number, *parse_json_line(raw_line)
 
 
-def _iter_lines(f, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-    pending = b""
+def _iter_lines(f, chunk_size: int = READ_CHUNK_BYTES) -> Iterator[tuple[bytes | None, tuple[str, None] | None]]:
+    """The lines of a stream as (line, None), or (None, (reason, None)) for a line that cannot be had: one longer
+    than MAX_LINE_BYTES (dropped as it streams, never held whole), or the place where the stream breaks off (a
+    truncated or corrupt gzip); the lines before a break are all yielded, and nothing after it."""
+    pending: list[bytes] = []  # the line that goes on past the last chunk, in pieces (no quadratic joins)
+    pending_bytes, overlong = 0, False
+    too_long = (f"line longer than {MAX_LINE_BYTES:,} bytes (the limit)", None)
     while True:
-        chunk = f.read(chunk_size)
+        try:
+            chunk = f.read(chunk_size)
+        except OSError as e:
+            yield None, (f"the file breaks off here ({e}); the lines before were read", None)
+            return
         if not chunk:
             break
-        lines = (pending + chunk).split(b"\n")
-        pending = lines.pop()
-        yield from lines
-    if pending:
-        yield pending
+        parts = chunk.split(b"\n")
+        if len(parts) == 1:  # no line ends in this chunk
+            if not overlong:
+                pending.append(chunk)
+                pending_bytes += len(chunk)
+                if pending_bytes > MAX_LINE_BYTES:
+                    pending, pending_bytes, overlong = [], 0, True
+            continue
+        if overlong:
+            yield None, too_long
+        else:
+            first = b"".join(pending) + parts[0] if pending else parts[0]
+            yield (None, too_long) if len(first) > MAX_LINE_BYTES else (first, None)
+        for line in parts[1:-1]:
+            yield line, None
+        pending, pending_bytes, overlong = [parts[-1]], len(parts[-1]), False
+    if overlong:
+        yield None, too_long
+    elif pending_bytes:
+        yield b"".join(pending), None
 
 
 def _parquet_records(f) -> Iterator[tuple[int, Any, str | None, str | None]]:
-    """Rows of a Parquet file; the "line" of a row is its 1-based position in the file."""
+    """Rows of a Parquet file; the "line" of a row is its 1-based position in the file. A file that breaks off ends
+    with one record saying where."""
     row_number = 0
-    for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BLOCK):
-        for record in batch.to_pylist():
-            row_number += 1
-            yield row_number, record, None, None
+    try:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BLOCK):
+            for record in batch.to_pylist():
+                row_number += 1
+                yield row_number, record, None, None
+    except (OSError, pa.ArrowException) as e:
+        yield row_number + 1, None, f"unreadable Parquet from row {row_number + 1} on: {e}", None
 
 
 def text_problem(record: dict, text_field: str) -> str | None:
@@ -398,18 +575,33 @@ def read_corpus(spec: CorpusSpec, num_cpus: float | None = None, only_rows: pa.T
     # One read task per file: the datasource already streams each file in blocks, and Ray Data's splitting of read
     # outputs into many smaller blocks (to reach its default parallelism) only adds per-block costs downstream
     # (and one output file per block when writing).
-    dataset = ray.data.read_datasource(datasource, num_cpus=num_cpus, override_num_blocks=n_files)
+    with _bounded_retries_allowed():
+        dataset = ray.data.read_datasource(datasource, num_cpus=num_cpus, override_num_blocks=n_files,
+                                           ray_remote_args={"max_retries": READ_TASK_RETRIES})
     if rows_per_block is None:
         return dataset
     # Ray Data's streaming repartition cuts the blocks; it fuses with a map before it into one task, which keeps the
     # repartition's resources (SPLIT_TASK_CPUS): stages that read this way leave that much free beside their actor
     # pools (see reading_cpus), or the task would never be scheduled.
-    return (dataset.map_batches(_unchanged, batch_size=rows_per_block, batch_format="pyarrow")
-            .repartition(target_num_rows_per_block=rows_per_block))
+    with _bounded_retries_allowed():
+        cut = dataset.map_batches(_unchanged, batch_size=rows_per_block, batch_format="pyarrow",
+                                  max_retries=READ_TASK_RETRIES)
+    return cut.repartition(target_num_rows_per_block=rows_per_block)
 
 
 def _unchanged(batch: pa.Table) -> pa.Table:
     return batch
+
+
+@contextlib.contextmanager
+def _bounded_retries_allowed():
+    """Ray 2.60 deprecates ``ray_remote_args`` in favour of named parameters, but names none for ``max_retries``:
+    until it does, the bounded retries above go through it, without the warning on every read."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        yield
 
 
 def read_texts_locally(spec: CorpusSpec, limit: int | None = None) -> tuple[list[str], list[dict]]:
@@ -421,8 +613,7 @@ def read_texts_locally(spec: CorpusSpec, limit: int | None = None) -> tuple[list
             handle = filesystem.open_input_file(f.path)
             records = _parquet_records(handle)
         else:
-            compression = "gzip" if f.path.endswith(".gz") else None
-            handle = filesystem.open_input_stream(f.path, compression=compression)
+            handle = open_jsonl_stream(filesystem, f.path)
             records = _jsonl_records(handle)
         with handle:
             for line, record, reason, raw in records:

@@ -19,6 +19,7 @@ from .recipe import EmbedConfig
 from .resources import cluster_cpus, cluster_gpus
 from .report import markdown_table, write_report
 from .rundir import QUARANTINE_PARTS, StageDir, StageError, gather_quarantine
+from .unique_ids import make_ids_unique
 
 # Batches per actor call (and per block). sentence-transformers sorts a call's texts by length, so bigger calls pad
 # less (measured on 20k documents: 4 batches a call cost 12% against one process encoding 5,000 texts a call).
@@ -76,6 +77,7 @@ def run_embed(cfg: EmbedConfig, stage: StageDir) -> dict:
                      batch_size=rows_per_call, batch_format="pyarrow")
         .write_parquet(data_uri))
     seconds_embedding = time.perf_counter() - started
+    ids_renamed = make_ids_unique([data_uri], cfg.id_field)
 
     quarantine = gather_quarantine(stage, "corpus")
     fs, path = StageDir(data_uri).fs_path
@@ -87,7 +89,7 @@ def run_embed(cfg: EmbedConfig, stage: StageDir) -> dict:
     rows_in = rows_out + len(quarantine)
     report = {
         "stage": "embed", "rows_in": rows_in, "rows_out": rows_out, "rows_quarantined": len(quarantine),
-        "rows_filtered": {}, "model": cfg.model, "max_seq_length": cfg.max_seq_length, "dimensions": dim,
+        "rows_filtered": {}, "ids_made_unique": ids_renamed, "model": cfg.model, "max_seq_length": cfg.max_seq_length, "dimensions": dim,
         "dtype": "float16", "normalised": True,
         # What the index and retrieve steps need to map vectors back to documents (``_order`` numbers these files).
         "corpus": {"paths": spec.paths, "files": [f.path for f in files], "text_field": cfg.text_field,
@@ -100,6 +102,7 @@ def run_embed(cfg: EmbedConfig, stage: StageDir) -> dict:
     write_report(stage, report, "\n".join([
         "# embed — corpus embeddings (CRAFT step 1)", "",
         markdown_table([("rows in", rows_in), ("rows embedded", rows_out), ("quarantined", len(quarantine)),
+                        ("ids made unique (ID#k)", ids_renamed),
                         ("model", cfg.model), ("dimensions", dim), ("documents / second", report["docs_per_second"]),
                         ("seconds", report["seconds"])]), ""]))
     return report

@@ -21,6 +21,7 @@ from .recipe import EnginePoolConfig, GenerateConfig
 from .report import markdown_table, token_histogram_png, write_report
 from .resources import cluster_cpus, cluster_gpus
 from .rundir import QUARANTINE_PARTS, StageDir, StageError, gather_quarantine, write_quarantine_part
+from .unique_ids import make_ids_unique
 
 
 class GenerateError(StageError):
@@ -129,6 +130,7 @@ def run_generate(cfg: GenerateConfig, stage: StageDir) -> dict:
     with without_operator_reservations():  # per-operator reservations would hold the engine pool to a share of the CPUs
         completions.write_parquet(data_uri)
     seconds_generating = time.perf_counter() - started
+    ids_renamed = make_ids_unique([data_uri], cfg.id_field)
 
     failed = gather_quarantine(stage, "prompts")
     fs, path = StageDir(data_uri).fs_path
@@ -147,7 +149,7 @@ def run_generate(cfg: GenerateConfig, stage: StageDir) -> dict:
         stage.write_bytes("completion_tokens.png", token_histogram_png(tokens, cfg.sampling.max_tokens))
     report = {
         "stage": "generate", "rows_in": prompts_out + len(failed), "rows_out": prompts_out,
-        "rows_quarantined": len(failed), "rows_filtered": {}, "completions": completions,
+        "rows_quarantined": len(failed), "rows_filtered": {}, "ids_made_unique": ids_renamed, "completions": completions,
         "completion_tokens": int(tokens.sum()), "finish_reasons": finish, "model": cfg.model, "engine": cfg.engine,
         "soft_prompt": cfg.soft_prompt, "sampling": cfg.sampling.model_dump(exclude_none=True),
         "actors": {"min": low, "max": high}, "cpus_per_actor": round(cpus_per_actor, 3), "gpus_per_actor": cfg.num_gpus,
@@ -159,7 +161,8 @@ def run_generate(cfg: GenerateConfig, stage: StageDir) -> dict:
         "# generate — batch generation", "",
         markdown_table([
             ("prompts in", report["rows_in"]), ("prompts answered", prompts_out), ("completions", completions),
-            ("quarantined (see quarantine.jsonl)", len(failed)), ("completion tokens", report["completion_tokens"]),
+            ("quarantined (see quarantine.jsonl)", len(failed)), ("ids made unique (ID#k)", ids_renamed),
+            ("completion tokens", report["completion_tokens"]),
             ("finish reasons", ", ".join(f"{k}: {v:,}" for k, v in finish.items()) or "-"),
             ("model", f"{cfg.model} ({cfg.engine})"), ("engine actors (min / max)", f"{low} / {high}"),
             ("tokens / second", report["tokens_per_second"]), ("seconds", report["seconds"])]), "",

@@ -104,7 +104,7 @@ def run_judge(cfg: JudgeConfig, stage: StageDir, upstream: str | None = None,
     judged = pool.generate(rows, judge_params(cfg), PROMPT, parts, "judge", chat=True,
                            system_prompt=cfg.system_prompt) \
         .map_batches(ApplyThreshold(cfg.threshold), batch_format="pyarrow")
-    kept, dropped, quarantined, rows_in = finish_outcomes(judged, stage, "samples")
+    kept, dropped, quarantined, rows_in, ids_renamed = finish_outcomes(judged, stage, "samples", cfg.id_field)
     judging = time.perf_counter() - started
     ratings = _rating_counts(stage)
     refs = references_of(cfg, references)
@@ -113,6 +113,7 @@ def run_judge(cfg: JudgeConfig, stage: StageDir, upstream: str | None = None,
     report = {
         "stage": "judge", "rows_in": rows_in, "rows_out": kept, "rows_quarantined": quarantined,
         "rows_filtered": {"below_threshold": dropped.get("below_threshold", 0), "unrated": dropped.get("unrated", 0)},
+        "ids_made_unique": ids_renamed,
         "acceptance_rate": acceptance_rate(kept, rows_in), "threshold": cfg.threshold, "ratings": ratings,
         "model": cfg.model, "engine": cfg.engine, "diversity": diversity,
         "samples_per_second": round(rows_in / max(judging, 1e-9), 2), "seconds": round(time.perf_counter() - started, 3),

@@ -12,6 +12,7 @@ from ray.data import Dataset
 
 from .corpus import drop_internal_columns, without_operator_reservations
 from .rundir import StageDir, count_parquet_rows, gather_quarantine
+from .unique_ids import make_ids_unique
 
 DROP_REASON, DROP_DETAIL = "drop_reason", "drop_detail"
 
@@ -33,13 +34,15 @@ def write_outcomes(rows: Dataset, stage: StageDir) -> tuple[int, dict[str, int]]
     return count_parquet_rows(stage.child("data")), dropped_by_reason(stage.child("dropped"))
 
 
-def finish_outcomes(rows: Dataset, stage: StageDir, input_name: str) -> tuple[int, dict[str, int], int, int]:
-    """Run ``rows`` (generation included) and write them split; returns kept, dropped by reason, quarantined and
-    rows in (their sum)."""
+def finish_outcomes(rows: Dataset, stage: StageDir, input_name: str, id_field: str = "id"
+                    ) -> tuple[int, dict[str, int], int, int, int]:
+    """Run ``rows`` (generation included) and write them split; returns kept, dropped by reason, quarantined, rows
+    in (their sum) and the number of ids made unique (unique_ids' rule, across kept and dropped)."""
     with without_operator_reservations():  # per-operator reservations would hold the engine pool to a share
         kept, dropped = write_outcomes(rows.materialize(), stage)
     quarantined = len(gather_quarantine(stage, input_name))
-    return kept, dropped, quarantined, kept + sum(dropped.values()) + quarantined
+    renamed = make_ids_unique([stage.child("data"), stage.child("dropped")], id_field)
+    return kept, dropped, quarantined, kept + sum(dropped.values()) + quarantined, renamed
 
 
 def kept_diversity(stage: StageDir, field: str, reference_texts: list[str] | None, cfg) -> tuple[dict | None, list]:
@@ -92,7 +95,8 @@ def outcome_rows(report: dict) -> list[tuple[str, object]]:
     rows = [("rows in", f"{report['rows_in']:,}"), ("kept", f"{report['rows_out']:,}")]
     rows += [(f"dropped: {reason}", f"{count:,}") for reason, count in report["rows_filtered"].items()]
     rows += [("quarantined (see quarantine.jsonl)", f"{report['rows_quarantined']:,}"),
-             ("acceptance rate", f"{report['acceptance_rate']:.1%}")]
+             ("acceptance rate", f"{report['acceptance_rate']:.1%}"),
+             ("ids made unique (ID#k)", f"{report['ids_made_unique']:,}")]
     return rows
 
 

@@ -44,14 +44,25 @@ def expand_inputs(specs: list[str], suffixes: tuple[str, ...]) -> tuple[pafs.Fil
     Raises ``FileNotFoundError`` naming the spec that matched nothing, and ``ValueError`` for a file whose format
     is not one of ``suffixes`` or for inputs spread over different filesystems.
     """
+    filesystem, files, _ = expand_inputs_and_skipped(specs, suffixes)
+    return filesystem, files
+
+
+def expand_inputs_and_skipped(specs: list[str], suffixes: tuple[str, ...]
+                              ) -> tuple[pafs.FileSystem, list[InputFile], list[dict]]:
+    """``expand_inputs``, plus the files that directories and globs hold but are not read, each as
+    ``{"path", "reason"}``: hidden ones (a name in the path starts with ``.`` or ``_``) and, in a directory, files of
+    another format."""
     filesystem = None
     found: list[str] = []
+    skipped: list[dict] = []
     for spec in specs:
         fs, path = resolve(spec)
         if filesystem is not None and type(fs) is not type(filesystem):
             raise ValueError(f"all inputs must live on one filesystem; {spec!r} differs from the first input")
         filesystem = fs
-        matches = _expand_one(fs, path, suffixes)
+        matches, passed_over = _expand_one(fs, path, suffixes)
+        skipped += passed_over
         if not matches:
             raise FileNotFoundError(f"no input files match {spec!r} (looked for {', '.join(suffixes)})")
         for m in matches:
@@ -62,7 +73,8 @@ def expand_inputs(specs: list[str], suffixes: tuple[str, ...]) -> tuple[pafs.Fil
     root = posixpath.commonpath(files) if len(files) > 1 else posixpath.dirname(files[0])
     if root in files:  # a single file: key it by its name
         root = posixpath.dirname(root)
-    return filesystem, [InputFile(path=f, key=posixpath.relpath(f, root) if root else f) for f in files]
+    keyed = [InputFile(path=f, key=posixpath.relpath(f, root) if root else f) for f in files]
+    return filesystem, keyed, sorted({s["path"]: s for s in skipped}.values(), key=lambda s: s["path"])
 
 
 def is_glob(path: str) -> bool:
@@ -77,26 +89,44 @@ def glob_base(pattern: str) -> str:
 
 def glob_matches(fs: pafs.FileSystem, pattern: str) -> list[str]:
     """The files a glob names, as the stages read them: ``*`` crosses folders, hidden and ``_`` files are skipped."""
-    return [c for c in _list_files(fs, glob_base(pattern)) if fnmatch.fnmatch(c, pattern)]
+    return _glob_matches(fs, pattern)[0]
 
 
-def _expand_one(fs: pafs.FileSystem, path: str, suffixes: tuple[str, ...]) -> list[str]:
+def _glob_matches(fs: pafs.FileSystem, pattern: str) -> tuple[list[str], list[dict]]:
+    visible, hidden = _list_files(fs, glob_base(pattern))
+    return ([c for c in visible if fnmatch.fnmatch(c, pattern)],
+            [{"path": c, "reason": HIDDEN} for c in hidden if fnmatch.fnmatch(c, pattern)])
+
+
+HIDDEN = "hidden (a name in its path starts with '.' or '_')"
+
+
+def _expand_one(fs: pafs.FileSystem, path: str, suffixes: tuple[str, ...]) -> tuple[list[str], list[dict]]:
+    """(files to read, files passed over with the reason) for one input spec."""
     if is_glob(path):
-        return glob_matches(fs, path)
+        return _glob_matches(fs, path)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
-        return [path]
+        return [path], []
     if info.type == pafs.FileType.Directory:
-        return [f for f in _list_files(fs, path) if f.endswith(suffixes)]
-    return []
+        visible, hidden = _list_files(fs, path)
+        other_format = f"not {', '.join(suffixes)}"
+        return ([f for f in visible if f.endswith(suffixes)],
+                [{"path": f, "reason": HIDDEN} for f in hidden]
+                + [{"path": f, "reason": other_format} for f in visible if not f.endswith(suffixes)])
+    return [], []
 
 
-def _list_files(fs: pafs.FileSystem, base: str) -> list[str]:
+def _list_files(fs: pafs.FileSystem, base: str) -> tuple[list[str], list[str]]:
+    """(visible, hidden) files under ``base``, recursively; hidden: a file or folder name below ``base`` starts with
+    ``.`` or ``_`` (as Ray Data and Hadoop skip them: ``.git/``, ``_SUCCESS``, half-written ``.tmp`` files)."""
     info = fs.get_file_info(base)
     if info.type != pafs.FileType.Directory:
-        return []
-    selector = pafs.FileSelector(base, recursive=True)
-    return [
-        i.path for i in fs.get_file_info(selector)
-        if i.type == pafs.FileType.File and not posixpath.basename(i.path).startswith((".", "_"))
-    ]
+        return [], []
+    visible, hidden = [], []
+    for i in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        if i.type != pafs.FileType.File:
+            continue
+        below = posixpath.relpath(i.path, base).split("/")
+        (hidden if any(part.startswith((".", "_")) for part in below) else visible).append(i.path)
+    return visible, hidden

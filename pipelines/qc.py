@@ -56,6 +56,7 @@ from .references import References, load_reference_texts, read_records, referenc
 from .report import markdown_table, write_report
 from .resources import cluster_cpus
 from .rundir import QUARANTINE_PARTS, StageDir, StageError, count_parquet_rows, gather_quarantine
+from .unique_ids import make_ids_unique
 
 REASONS = ("duplicate_of_reference", "contaminated", "similar_to_reference", "exact_duplicate", "near_duplicate")
 QC_REASON, QC_DETAIL = "qc_reason", "qc_detail"
@@ -385,6 +386,7 @@ def run_qc(cfg: QcConfig, stage: StageDir, upstream: str | None = None,
                 .map_batches(drop_internal_columns, batch_format="pyarrow", batch_size=None)
                 .write_parquet(dropped_uri))
     written, written_dropped = count_parquet_rows(data_uri), count_parquet_rows(dropped_uri)
+    ids_renamed = make_ids_unique([data_uri, dropped_uri], cfg.id_field)
     if (written, written_dropped) != (len(kept_rows), len(gone)):
         raise QcError(f"qc: wrote {written} kept and {written_dropped} dropped rows for {len(kept_rows)} and "
                       f"{len(gone)}: the input changed while qc ran ({', '.join(spec.paths)})")
@@ -399,7 +401,7 @@ def run_qc(cfg: QcConfig, stage: StageDir, upstream: str | None = None,
     report = {
         "stage": "qc", "rows_in": rows_in, "rows_out": int(counts[0]), "rows_quarantined": len(quarantine),
         "rows_filtered": {reason: int(counts[i + 1]) for i, reason in enumerate(REASONS)},
-        "acceptance_rate": acceptance_rate(int(counts[0]), rows_in),
+        "acceptance_rate": acceptance_rate(int(counts[0]), rows_in), "ids_made_unique": ids_renamed,
         "exact_dedup": cfg.exact_dedup,
         "near_dedup": {**near.model_dump(), "bands": bands, "rows": rows_per_band, **near_stats},
         "references": len(inputs.reference_texts) if inputs.reference_texts else 0,

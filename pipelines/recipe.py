@@ -16,6 +16,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       model_validator)
 
 from ..actors.engines import ENGINE_KINDS, SamplingParams
+from ..actors.openai_api import RequestLimits
 from .paths import is_uri
 
 
@@ -444,6 +445,9 @@ class ServeConfig(Strict):
     api_key_env: Optional[str] = Field("DOMAINSYNTH_API_KEY", description="Environment variable holding the API "
                                        "key clients must send; unset or empty variable = no key required.")
     autoscaling: AutoscalingConfig = AutoscalingConfig()
+    limits: RequestLimits = Field(RequestLimits(), description="What one request may ask (backend domainsynth): "
+                                  "sizes, counts, tokens, JSON schema size; over a limit is a 400 (413 for the body).")
+    api_docs: bool = Field(False, description="Serve /docs, /redoc and /openapi.json (backend domainsynth).")
 
     @model_validator(mode="after")
     def _soft_prompts_need_our_backend(self) -> "ServeConfig":
@@ -605,6 +609,21 @@ _MODEL_FIELDS = {"embed": "model", "generate": "model", "serve": "model", "synth
                  "synthesize.trait": "embedding_model", "qc.diversity": "model", "judge.diversity": "model"}
 
 
+def input_lists(recipe: Recipe, stage: str) -> list[tuple[str, list[str]]]:
+    """(field, specs) for each input of ``stage`` that is a list of files, directories or globs (a corpus, prompts,
+    samples), as the recipe sets it."""
+    raw = recipe.model_dump(mode="json")
+    found = []
+    for section, names in _INPUT_PATH_FIELDS.items():
+        if section.split(".")[0] != stage:
+            continue
+        values = _section(raw, section)
+        for name in names if isinstance(values, dict) else ():
+            if isinstance(values.get(name), list):
+                found.append((f"{section}.{name}", values[name]))
+    return found
+
+
 def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> dict:
     """Apply ``key.sub=value`` overrides to the raw recipe mapping."""
     for item in overrides:
@@ -622,7 +641,12 @@ def apply_overrides(raw: dict, overrides: list[str], source: str = "--set") -> d
             if not isinstance(child, dict):
                 raise RecipeError(f"{source} {item!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            problem = str(getattr(e, "problem", None) or e).strip()
+            raise RecipeError(f"{source} {item!r}: the value is not valid YAML ({problem}); quote a string, "
+                              f"write lists as [a, b]") from None
     return raw
 
 
@@ -709,6 +733,13 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
             raw = yaml.safe_load(f)
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{path}: is a directory; expected a recipe file (YAML)") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected a recipe file (YAML)") \
+            from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot be read ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
     return build_recipe(raw, path, os.path.dirname(os.path.abspath(path)), overrides)

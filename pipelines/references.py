@@ -29,7 +29,7 @@ def read_records(specs: list[str], what: str) -> list[tuple[str, int, dict]]:
     """Every row of JSONL/Parquet ``specs`` as (file, line, record); ``what`` names the recipe field in errors."""
     import pyarrow.parquet as pq
 
-    from .corpus import SUPPORTED_SUFFIXES, PARQUET_SUFFIXES, open_lines
+    from .corpus import LONE_SURROGATE, SUPPORTED_SUFFIXES, PARQUET_SUFFIXES, has_lone_surrogate, open_lines
 
     try:
         fs, files = expand_inputs(specs, SUPPORTED_SUFFIXES)
@@ -52,6 +52,8 @@ def read_records(specs: list[str], what: str) -> list[tuple[str, int, dict]]:
                 if not isinstance(record, dict):
                     raise ValueError(f"{what}: {file.key}, line {number}: expected a JSON object, got "
                                      f"{type(record).__name__}")
+                if has_lone_surrogate(line, record):
+                    raise ValueError(f"{what}: {file.key}, line {number}: {LONE_SURROGATE}")
                 records.append((file.key, number, record))
     if not records:
         raise ValueError(f"{what}: no rows in {', '.join(specs)}")

@@ -25,13 +25,15 @@ import ray
 
 from ..actors.vector_index import IndexPlan, VectorSearcher
 from . import corpus
-from .corpus import CorpusSpec, drop_internal_columns, open_lines, read_corpus, without_operator_reservations
+from .corpus import (LONE_SURROGATE, CorpusSpec, drop_internal_columns, has_lone_surrogate, open_lines, read_corpus,
+                     without_operator_reservations)
 from .index import wants_gpu
 from .paths import expand_inputs
 from .recipe import RetrieveConfig
 from .resources import largest_node_cpus
 from .report import embedding_map_png, markdown_table, similarity_histogram_png, write_report
 from .rundir import StageDir, StageError, count_parquet_rows
+from .unique_ids import make_ids_unique
 
 
 class RetrieveError(StageError):
@@ -60,6 +62,8 @@ def load_few_shots(specs: list[str], text_field: str | None) -> tuple[list[str],
                 raise RetrieveError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict):
                 raise RetrieveError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            if has_lone_surrogate(line.encode("utf-8", "surrogatepass"), record):
+                raise RetrieveError(f"{where}: {LONE_SURROGATE}")
             if used is None:
                 used = next((k for k in ("text", "Text") if k in record), None)
                 if used is None:
@@ -224,6 +228,7 @@ def run_retrieve(cfg: RetrieveConfig, stage: StageDir) -> dict:
             .sort("rank")
             .write_parquet(data_uri))
     rows_written = count_parquet_rows(data_uri)
+    ids_renamed = make_ids_unique([data_uri], spec.id_field)
     if rows_written != len(orders):
         raise RetrieveError(f"read back {rows_written} documents from the corpus for {len(orders)} hits: the corpus "
                             f"changed since it was embedded ({', '.join(spec.paths)})")
@@ -236,6 +241,7 @@ def run_retrieve(cfg: RetrieveConfig, stage: StageDir) -> dict:
         "stage": "retrieve", "rows_in": hits.candidates, "rows_out": len(orders), "rows_quarantined": 0,
         "rows_filtered": {"near_duplicate": hits.near_duplicates,
                           "below_top_k": hits.candidates - len(orders) - hits.near_duplicates},
+        "ids_made_unique": ids_renamed,
         "few_shots": len(shots), "few_shot_field": shot_field, "top_k": cfg.top_k, "corpus_rows": n_rows,
         "retrieved_by": {how: hits.retrieved_by.count(how) for how in ("few_shot", "mean")},
         "matched_few_shot_counts": np.bincount(chosen.column("matched_few_shot").to_numpy(),
@@ -269,6 +275,7 @@ def render_markdown(report: dict) -> str:
             ("by each few-shot's own hits / by mean similarity",
              f"{report['retrieved_by']['few_shot']:,} / {report['retrieved_by']['mean']:,}"),
             ("dropped: near-duplicates", f["near_duplicate"]), ("not needed (below top_k)", f["below_top_k"]),
+            ("ids made unique (ID#k)", report["ids_made_unique"]),
             ("score of retrieved (min / median / max)", f"{s.get('min')} / {s.get('median')} / {s.get('max')}"),
             ("score of a corpus sample (min / median / max)", f"{c.get('min')} / {c.get('median')} / {c.get('max')}"),
             ("index", f"{report['index_kind']} ({report['index']})"), ("seconds", report["seconds"]),

@@ -59,6 +59,14 @@ class StageDir:
         except (FileNotFoundError, OSError, json.JSONDecodeError):
             return None
 
+    def read_text(self, name: str) -> str | None:
+        fs, root = self.fs_path
+        try:
+            with fs.open_input_stream(f"{root}/{name}") as f:
+                return f.read().decode("utf-8")
+        except (FileNotFoundError, OSError):
+            return None
+
     def exists(self, name: str) -> bool:
         fs, root = self.fs_path
         return fs.get_file_info(f"{root}/{name}").type != pafs.FileType.NotFound
@@ -69,6 +77,12 @@ class StageDir:
         if fs.get_file_info(root).type == pafs.FileType.Directory:
             fs.delete_dir_contents(root)
         fs.create_dir(root, recursive=True)
+
+    def remove(self) -> None:
+        """Remove the stage's folder and everything in it (a failed stage leaves nothing behind)."""
+        fs, root = self.fs_path
+        if fs.get_file_info(root).type == pafs.FileType.Directory:
+            fs.delete_dir(root)
 
     def delete(self, name: str) -> None:
         fs, root = self.fs_path

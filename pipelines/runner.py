@@ -80,8 +80,14 @@ def _check_model(field: str, model: str) -> None:
     engine, on the cluster)."""
     import os
 
-    if (os.path.isabs(model) or model.startswith(("./", "../", "~"))) and not os.path.isdir(os.path.expanduser(model)):
+    if not (os.path.isabs(model) or model.startswith(("./", "../", "~"))):
+        return
+    folder = os.path.expanduser(model)
+    if not os.path.isdir(folder):
         raise FileNotFoundError(f"{field}: no model folder at {model!r}")
+    if not os.path.isfile(os.path.join(folder, "config.json")):  # what every Hugging Face model folder holds
+        raise FileNotFoundError(f"{field}: {model!r} holds no model (expected a Hugging Face model folder with a "
+                                f"config.json)")
 
 
 def _check_soft_prompt(field: str, path: str) -> None:
@@ -98,9 +104,13 @@ def _check_inputs(field: str, specs: list[str]) -> None:
     from .paths import expand_inputs
 
     try:
-        expand_inputs(specs, SUPPORTED_SUFFIXES)
+        fs, files = expand_inputs(specs, SUPPORTED_SUFFIXES)
     except (FileNotFoundError, ValueError) as e:
         raise type(e)(f"{field}: {e}") from None
+    # Empty files are caught here, before any work; stopping at the first file with bytes keeps this to one look-up
+    # on an object store. (Files of blank or malformed lines are found by the stage.)
+    if not any(fs.get_file_info(f.path).size for f in files):
+        raise ValueError(f"{field}: the input is empty: {', '.join(specs)} holds only empty files")
 
 
 def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print) -> dict[str, dict]:
@@ -119,6 +129,41 @@ def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print) -> dict[str,
         # Anything left by an interrupted attempt is removed: the stage is redone, never appended to.
         stage.clear()
         echo(f"[{name}] running -> {stage.uri}")
-        reports[name] = STAGES[name](config, stage, **upstream_context(recipe, name))
+        skipped = skipped_inputs(recipe, name)
+        for field, files in skipped.items():
+            echo(f"[{name}] {field}: {len(files)} file(s) not read (listed in report.json): "
+                 + ", ".join(f["path"] for f in files[:3]) + (", ..." if len(files) > 3 else ""))
+        try:
+            report = STAGES[name](config, stage, **upstream_context(recipe, name))
+            reports[name] = add_skipped_files(stage, report, skipped)
+        except BaseException:
+            stage.remove()  # a failed stage leaves nothing that could pass for its output
+            raise
         stage.mark_complete(fingerprint)
     return reports
+
+
+def skipped_inputs(recipe: Recipe, name: str) -> dict[str, list[dict]]:
+    """For each input field of stage ``name`` that names directories or globs: the files there that are not read
+    (hidden, or of another format), so that a user sees what a folder held beside the inputs."""
+    from .corpus import SUPPORTED_SUFFIXES
+    from .paths import expand_inputs_and_skipped
+    from .recipe import input_lists
+
+    found = {}
+    for field, specs in input_lists(recipe, name):
+        _, _, skipped = expand_inputs_and_skipped(specs, SUPPORTED_SUFFIXES)
+        if skipped:
+            found[field] = skipped
+    return found
+
+
+def add_skipped_files(stage: StageDir, report: dict, skipped: dict[str, list[dict]]) -> dict:
+    """``skipped_files`` in the report (always, empty when none) and a section of report.md listing them."""
+    report = {**report, "skipped_files": skipped}
+    stage.write_json("report.json", report)
+    if skipped:
+        lines = ["", "## Input files not read", ""]
+        lines += [f"- `{f['path']}` ({field}): {f['reason']}" for field, files in skipped.items() for f in files]
+        stage.write_text("report.md", (stage.read_text("report.md") or "") + "\n".join(lines) + "\n")
+    return report

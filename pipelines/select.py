@@ -34,6 +34,7 @@ from .recipe import SelectConfig
 from .resources import cluster_cpus
 from .report import markdown_table, score_histogram_png, write_report
 from .rundir import StageDir, StageError, count_parquet_rows, read_file_bytes
+from .unique_ids import make_ids_unique
 
 TEXT_HASH = "_text_hash"
 N_TOKENS = "_n_tokens"
@@ -90,7 +91,10 @@ def estimate_rows(cfg: SelectConfig) -> int:
         head = raw.read(1 << 22)
     consumed = len(head)
     if first.endswith(".gz"):  # lines per *compressed* byte, from a partial decompression of the head
-        head = zlib.decompressobj(wbits=31).decompress(head)
+        try:
+            head = zlib.decompressobj(wbits=31).decompress(head)
+        except zlib.error:  # a corrupt file: its read quarantines it; the estimate only sizes a sample
+            pass
     lines = max(head.count(b"\n"), 1)
     return int(sum(sizes) * lines / max(consumed, 1))
 
@@ -107,7 +111,7 @@ def obtain_classifier(cfg: SelectConfig, stage: StageDir, quarantine: list[dict]
             raise SelectError(f"select.in_domain: need at least 10 usable in-domain texts, found {len(positives)}")
         negatives = sample_negatives(cfg, cfg.negatives_sample, cfg.fasttext.seed)
         if len(negatives) < 10:
-            raise SelectError(f"select: need at least 10 negatives, found {len(negatives)}")
+            raise SelectError(_too_few_negatives(cfg, len(negatives)))
         params = FastTextParams(**cfg.fasttext.model_dump())
         # fastText occasionally reports "Encountered NaN"; a retry runs in a new process (max_calls=1).
         trained = ray.get(_train_in_fresh_process.options(num_cpus=min(params.threads, cluster_cpus()), max_retries=2,
@@ -117,6 +121,19 @@ def obtain_classifier(cfg: SelectConfig, stage: StageDir, quarantine: list[dict]
         info["in_domain_rows_quarantined"] = len(bad)
     stage.write_bytes(CLASSIFIER_FILE, model_bytes)
     return model_bytes, info
+
+
+def _too_few_negatives(cfg: SelectConfig, found: int) -> str:
+    """Why training has too few negatives: an empty or all-malformed corpus says so (with the first bad row)."""
+    field, specs = ("select.negatives", cfg.negatives) if cfg.negatives else ("select.corpus", cfg.corpus)
+    if found:
+        return f"{field}: need at least 10 usable texts to train on (negatives), found {found} in {', '.join(specs)}"
+    _, bad = read_texts_locally(CorpusSpec(specs, cfg.text_field, cfg.id_field))
+    if not bad:
+        return f"{field}: the corpus is empty: no rows in {', '.join(specs)}"
+    first = bad[0]
+    return (f"{field}: no usable rows in {', '.join(specs)}: all {len(bad):,} rows are malformed "
+            f"(first: {first['file']}, line {first['line']}: {first['reason']})")
 
 
 # --------------------------------------------------------------------------------------------------- step 2: score
@@ -283,6 +300,7 @@ def run_select(cfg: SelectConfig, stage: StageDir) -> dict:
         (read_corpus(CorpusSpec(cfg.corpus, cfg.text_field, cfg.id_field), only_rows=kept)
             .map_batches(drop_internal_columns, batch_format="pyarrow", batch_size=None)
             .write_parquet(data_uri))
+    ids_renamed = make_ids_unique([data_uri], cfg.id_field)
     phases["write"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -302,6 +320,7 @@ def run_select(cfg: SelectConfig, stage: StageDir) -> dict:
         "rows_out": int(keep_mask.sum()),
         "rows_quarantined": bad.num_rows,
         "rows_filtered": filtered,
+        "ids_made_unique": ids_renamed,
         # Throughput of the corpus work: scoring, choosing and writing (not training, which depends on the in-domain set).
         "docs_per_second": round(scores.num_rows / max(phases["read_and_score"] + phases["choose"] + phases["write"],
                                                        1e-9), 1),
@@ -335,6 +354,7 @@ def render_markdown(report: dict) -> str:
         ("rows in", report["rows_in"]), ("rows out (kept)", report["rows_out"]),
         ("filtered: low domain score", f["low_domain_score"]), ("filtered: low quality", f["low_quality"]),
         ("filtered: duplicate", f["duplicate"]), ("quarantined", report["rows_quarantined"]),
+        ("ids made unique (ID#k)", report["ids_made_unique"]),
         ("tokens kept (words and punctuation marks)", report["tokens_kept"]),
         ("seconds", report["seconds"]), ("documents / second", report["docs_per_second"]),
     ])

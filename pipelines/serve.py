@@ -36,8 +36,8 @@ def build_application(cfg: ServeConfig):
     return generator_app(
         cfg.model, engine=cfg.engine, engine_options=cfg.engine_options, served_model_name=served_model_name(cfg),
         soft_prompts=cfg.soft_prompts, api_key=api_key(cfg), default_max_tokens=cfg.default_max_tokens,
-        autoscaling_config=autoscaling_config(cfg), num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-        max_ongoing_requests=cfg.max_ongoing_requests)
+        limits=cfg.limits, api_docs=cfg.api_docs, autoscaling_config=autoscaling_config(cfg), num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus, max_ongoing_requests=cfg.max_ongoing_requests)
 
 
 def app_builder(args: dict):
@@ -51,6 +51,9 @@ def _ray_serve_llm_app(cfg: ServeConfig):
     if api_key(cfg):
         raise ValueError(f"serve.backend ray-serve-llm does not check API keys: unset {cfg.api_key_env} or use "
                          f"backend domainsynth")
+    if "limits" in cfg.model_fields_set or cfg.api_docs:
+        raise ValueError("serve.limits and serve.api_docs apply to backend domainsynth only; ray-serve-llm has its "
+                         "own (vLLM's) request checks")
     try:
         from ray.serve.llm import LLMConfig, build_openai_app
     except ImportError as e:

@@ -230,7 +230,7 @@ def run_synthesize(cfg: SynthesizeConfig, stage: StageDir) -> dict:
             samples = samples.map_batches(_dropped_only, batch_format="pyarrow").union(responses)
         details = {"num_samples": cfg.domino.num_samples, "soft_prompt": cfg.domino.soft_prompt,
                    "respond": cfg.domino.respond}
-    kept, dropped, quarantined, rows_in = finish_outcomes(samples, stage, "synthesize")
+    kept, dropped, quarantined, rows_in, ids_renamed = finish_outcomes(samples, stage, "synthesize")
     generating = time.perf_counter() - started
     references = default_references(cfg)
     reference_texts = load_reference_texts(references, "synthesize.references") if references else None
@@ -239,7 +239,7 @@ def run_synthesize(cfg: SynthesizeConfig, stage: StageDir) -> dict:
                            else ("input_tokens" if cfg.method == "domino" else "completion_tokens"), 100_000)
     report = {
         "stage": "synthesize", "method": cfg.method, "rows_in": rows_in, "rows_out": kept,
-        "rows_quarantined": quarantined, "rows_filtered": dropped,
+        "rows_quarantined": quarantined, "rows_filtered": dropped, "ids_made_unique": ids_renamed,
         "acceptance_rate": acceptance_rate(kept, rows_in), **details,
         "model": cfg.model, "engine": cfg.engine, "sampling": params.model_dump(exclude_none=True, exclude={"json_schema"}),
         "structured_output": cfg.structured_output, "diversity": diversity,

@@ -35,6 +35,16 @@ def test_seeded_sampling_repeats_and_n_gives_n_completions(engine):
     assert [c.text for c in other[0]] != [c.text for c in first[0]]
 
 
+def test_greedy_with_n_gives_n_copies_of_the_greedy_text(engine):
+    # transformers refuses num_return_sequences > 1 without sampling; vLLM answers with n identical texts
+    prompts = ["The patient was", "Genes"]
+    copies = engine.generate(prompts, GREEDY.model_copy(update={"n": 3}))
+    once = engine.generate(prompts, GREEDY)
+    assert [[c.text for c in row] for row in copies] == [[row[0].text] * 3 for row in once]
+    tiny = engine.generate(prompts[:1], GREEDY.model_copy(update={"n": 2, "temperature": 1e-6}))
+    assert [c.text for c in tiny[0]] == [once[0][0].text] * 2  # below 1e-5 counts as greedy
+
+
 def test_batched_prompts_decode_as_they_would_alone(engine):
     prompts = ["Cells", "The immune system defends the body against infection by"]
     together = engine.generate(prompts, GREEDY)

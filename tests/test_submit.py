@@ -18,7 +18,7 @@ import pytest
 import requests
 import yaml
 
-from domainsynth.cluster import submit as jobs_api
+from domainsynth.cluster import staging as staging_api
 from domainsynth.pipelines.recipe import build_recipe, load_recipe
 
 from conftest import free_port
@@ -162,13 +162,14 @@ def test_the_job_reads_the_uploaded_copy_of_its_inputs(open_head, tmp_path):
 
     data = tmp_path / "data"
     shutil.copytree(REPO / "examples" / "data", data)
-    # A corpus folder kept out of git (a common .gitignore): Ray's packaging honours .gitignore files, so a copied
-    # one would leave the corpus out of the upload.
+    # A corpus folder kept out of git (a common .gitignore): staging honours .gitignore files and would refuse to
+    # send it empty; Ray's switch sends it (and Ray's packaging must not see a copied .gitignore either).
     (data / "corpus" / ".gitignore").write_text("*\n!.gitignore\n")
     recipe = tmp_path / "select.yaml"
     recipe.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "select": {
         "in_domain": "data/medical_in_domain.jsonl", "corpus": "data/corpus", "keep_fraction": 0.12}}))
-    submitted = domainsynth("submit", str(recipe), "--address", open_head.address, "--no-wait")
+    submitted = domainsynth("submit", str(recipe), "--address", open_head.address, "--no-wait",
+                            env={"RAY_RUNTIME_ENV_IGNORE_GITIGNORE": "1"})
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     shutil.rmtree(data)
     job_id = submitted.stdout.split("Submitted job ")[1].split()[0]
@@ -248,13 +249,15 @@ def test_bad_recipes_and_addresses_fail_before_anything_is_sent(select_recipe, t
     assert result.returncode == 2 and "give --address" in result.stderr
 
 
-def test_staging_copies_local_inputs_and_leaves_uris_and_hub_ids(tmp_path, tiny_llama):
+def test_staging_copies_local_inputs_and_leaves_uris_and_hub_ids(tmp_path, tiny_llama, monkeypatch):
     data = tmp_path / "data"
     (data / "shards" / "nested").mkdir(parents=True)
     for name in ("a.jsonl", "b.jsonl", "nested/c.jsonl"):
         (data / "shards" / name).write_text('{"text": "x"}\n')
     (data / "fewshots.jsonl").write_text('{"text": "y"}\n')
-    # A folder that keeps its files out of git: Ray's packaging would honour the .gitignore and upload none.
+    # A folder that keeps its files out of git: staging honours .gitignore files unless Ray's switch says not to
+    # (tests/test_submit_staging.py), and Ray's packaging would honour a copied one and upload none.
+    monkeypatch.setenv("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "1")
     (data / "corpus").mkdir()
     (data / "corpus" / "part-0.jsonl").write_text('{"text": "z"}\n')
     (data / "corpus" / ".gitignore").write_text("*\n!.gitignore\n")
@@ -265,7 +268,7 @@ def test_staging_copies_local_inputs_and_leaves_uris_and_hub_ids(tmp_path, tiny_
                            "synthesize": {"method": "craft", "model": tiny_llama}}, "test", str(data))
     staging = tmp_path / "staging"
     staging.mkdir()
-    name = jobs_api.stage(recipe, str(staging), echo=lambda _: None)
+    name = staging_api.stage(recipe, str(staging), echo=lambda _: None)
     staged = load_recipe(str(staging / name))
     corpus = staged.embed.corpus
     assert corpus[1] == "s3://bucket/more/*.jsonl" and staged.embed.model == "sentence-transformers/all-MiniLM-L6-v2"
@@ -284,7 +287,7 @@ def test_staging_copies_local_inputs_and_leaves_uris_and_hub_ids(tmp_path, tiny_
 def test_staging_refuses_inputs_beyond_the_upload_limit(tmp_path, monkeypatch):
     (tmp_path / "big.jsonl").write_text('{"text": "' + "x" * 5000 + '"}\n')
     recipe = build_recipe({"run_dir": "s3://b/r", "embed": {"corpus": "big.jsonl"}}, "test", str(tmp_path))
-    monkeypatch.setattr(jobs_api, "UPLOAD_LIMIT_BYTES", 1000)
+    monkeypatch.setattr(staging_api, "UPLOAD_LIMIT_BYTES", 1000)
     (tmp_path / "staging").mkdir()
-    with pytest.raises(jobs_api.SubmitError, match=r"inputs come to 4.9 KiB; the Ray Jobs API uploads at most 1,000 B: .*big\.jsonl 4.9 KiB"):
-        jobs_api.stage(recipe, str(tmp_path / "staging"), echo=lambda _: None)
+    with pytest.raises(staging_api.TooLargeToUpload, match=r"inputs come to 4.9 KiB; the Ray Jobs API uploads at most 1,000 B: .*big\.jsonl 4.9 KiB"):
+        staging_api.stage(recipe, str(tmp_path / "staging"), echo=lambda _: None)
