@@ -12,7 +12,7 @@ import json
 import re
 import time
 import uuid
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Callable, ClassVar, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
@@ -120,7 +120,31 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     response_format: Optional[ResponseFormat] = None
-    user: Optional[str] = None  # accepted and ignored, as OpenAI clients may send it
+    # Standard OpenAI fields the engines do not implement. At these values they change nothing, so a client that
+    # sends them (many send their defaults) is served; any other value is refused by name (``refuse_unhonoured``).
+    user: Optional[str] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = None
+
+    # field -> the values that change nothing (None, an unset field, always does)
+    NEUTRAL: ClassVar[dict[str, Callable[[object], bool]]] = {
+        "user": lambda v: True, "presence_penalty": lambda v: v == 0, "frequency_penalty": lambda v: v == 0,
+        "logit_bias": lambda v: not v}
+
+    def unimplemented_fields(self) -> list[str]:
+        """The standard fields this request sets that the engines do not implement (all at neutral values once
+        ``refuse_unhonoured`` has passed): what a replica logs, once per field."""
+        return [name for name in self.NEUTRAL if getattr(self, name) is not None]
+
+    def refuse_unhonoured(self) -> None:
+        """A 400 naming the first standard field set to a value that would change the answer."""
+        for name, neutral in self.NEUTRAL.items():
+            value = getattr(self, name)
+            if value is not None and not neutral(value):
+                raise APIError(400, f"{name}: {json.dumps(value)[:100]} is not supported by this endpoint "
+                                    f"(accepted only as {_NEUTRAL_TEXT[name]})", param=name,
+                               code="unsupported_parameter")
 
     @field_validator("stop")
     @classmethod
@@ -160,6 +184,12 @@ class _Sampling(_Strict):
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str]]
     echo: bool = False
+    logprobs: Optional[int] = None  # completions' logprobs is a count of alternatives
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+    NEUTRAL: ClassVar[dict[str, Callable[[object], bool]]] = {
+        **_Sampling.NEUTRAL, "logprobs": lambda v: False, "best_of": lambda v: v == 1, "suffix": lambda v: v == ""}
 
     @field_validator("prompt")
     @classmethod
@@ -184,14 +214,41 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["developer", "system", "user", "assistant"]
     content: Text
     name: Optional[Text] = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_joined(cls, value):
+        """OpenAI's content-part array, text parts only, becomes one text (parts joined by a newline, as vLLM
+        does); an image or audio part cannot be honoured by a text model."""
+        if not isinstance(value, list):
+            return value
+        texts = []
+        for i, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str) \
+                    or set(part) - {"type", "text"}:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"part {i}: only text parts ({{'type': 'text', 'text': ...}}) are supported, "
+                                 f"not {str(kind)[:40]!r}")
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+    def for_template(self) -> dict:
+        """The message as chat templates know it: OpenAI's ``developer`` role is the system role of older models."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.content,
+                **({"name": self.name} if self.name is not None else {})}
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = None  # OpenAI's newer name for max_tokens
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+
+    NEUTRAL: ClassVar[dict[str, Callable[[object], bool]]] = {
+        **_Sampling.NEUTRAL, "logprobs": lambda v: v is False, "top_logprobs": lambda v: v == 0}
 
     def requested_max_tokens(self, default_max_tokens: int) -> int:
         if self.max_tokens is None and self.max_completion_tokens is not None:
@@ -203,6 +260,11 @@ class ChatCompletionRequest(_Sampling):
         _at_most("messages", sum(len(m.content) for m in self.messages), limits.max_prompt_chars,
                  "max_prompt_chars", what="characters of content")
         super().check_limits(limits, default_max_tokens)
+
+
+_NEUTRAL_TEXT = {"user": "any text", "presence_penalty": "0", "frequency_penalty": "0", "logit_bias": "{}",
+                 "logprobs": "false (chat) or left out (completions)", "top_logprobs": "0", "best_of": "1",
+                 "suffix": "\"\""}
 
 
 def _at_most(field: str, value: int, limit: int, limit_name: str, what: str = "") -> None:

@@ -242,6 +242,7 @@ class GeneratorServer:
         self.limits = limits or oa.RequestLimits()
         self.api_docs = api_docs
         self._engine_lock = asyncio.Lock()
+        self._fields_logged: set[str] = set()
 
     @api.get("/health")
     async def health(self) -> dict:
@@ -273,7 +274,7 @@ class GeneratorServer:
         prefix = self._prefix(body.model)
         params = self._sampling_params(body)
         try:
-            prompt = self.engine.chat_prompt([m.model_dump(exclude_none=True) for m in body.messages])
+            prompt = self.engine.chat_prompt([m.for_template() for m in body.messages])
         except Exception as e:  # the model's chat template refused the conversation (e.g. roles out of order)
             raise oa.APIError(400, f"messages: the model's chat template refused them: {e}", param="messages")
         self._check_work([self._prompt_tokens(prompt, prefix, params, "messages")], params)
@@ -292,6 +293,13 @@ class GeneratorServer:
         token = given[7:] if given.lower().startswith("bearer ") else ""
         return hmac.compare_digest(token.encode(), self.api_key.encode())
 
+    def _log_once(self, fields: list[str]) -> None:
+        new = [f for f in fields if f not in self._fields_logged]
+        if new:
+            self._fields_logged.update(new)
+            logger.info("accepting %s at values that change nothing (this endpoint does not implement them; "
+                        "logged once per replica)", ", ".join(new))
+
     def _prefix(self, model: str):
         if model not in self.prefixes:
             raise oa.APIError(404, f"model {model[:100]!r} does not exist here; served: {', '.join(self.prefixes)}",
@@ -299,7 +307,10 @@ class GeneratorServer:
         return self.prefixes[model]
 
     def _sampling_params(self, body: Union[oa.CompletionRequest, oa.ChatCompletionRequest]) -> SamplingParams:
-        """The request's limits, then its parameters' ranges (a 400 from SamplingParams), then its JSON schema."""
+        """The standard fields it sets that no engine implements (neutral values only), its limits, then its
+        parameters' ranges (a 400 from SamplingParams), then its JSON schema."""
+        body.refuse_unhonoured()
+        self._log_once(body.unimplemented_fields())
         body.check_limits(self.limits, self.default_max_tokens)
         params = body.sampling_params(self.default_max_tokens)
         if params.json_schema is not None:

@@ -15,6 +15,7 @@ from ..pipelines.retrieve import check_same_corpus
 from ..pipelines.rundir import MARKER, StageDir, StageError
 from ..pipelines.runner import preflight, run_recipe
 from . import ray_runtime
+from .model_cache import CACHE_ENV, cache_dir, cached_model
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
@@ -22,9 +23,9 @@ EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", metavar="ADDR",
                    help="Ray cluster to join ('auto', 'ray://head:10001'); default: start an embedded local Ray "
-                        "with all of this machine's CPUs")
+                        "with the CPUs Ray detects (a container's quota, not the host's cores)")
     p.add_argument("--num-cpus", type=_positive_int, metavar="N",
-                   help="CPUs for the embedded local Ray (default: all)")
+                   help="CPUs for the embedded local Ray (default: what Ray detects)")
     _add_overrides(p, "select.keep_fraction=0.05")
 
 
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Run examples/quickstart.yaml: hidden biomedical abstracts are recovered from "
                                       "a sample of general web text, the documents closest to CRAFT's BioQA "
                                       "few-shots are retrieved and rewritten into multiple-choice samples by a tiny "
-                                      "Llama (made in models/tiny-llama-4k), checked for duplicates and leaks of an "
+                                      "Llama (made once in $DOMAINSYNTH_CACHE/models, default ~/.cache/domainsynth), checked for duplicates and leaks of an "
                                       "MMLU evaluation set, and rated by the LLM judge. Ends by printing where the "
                                       "results are.")
     demo.add_argument("--out", default="runs/quickstart", metavar="RUN_DIR",
@@ -463,15 +464,17 @@ def recipe_from_serve_args(args: argparse.Namespace) -> Recipe:
     return build_recipe(raw, source, base_dir, [] if args.recipe else args.overrides)
 
 
-def demo_model(folder: str = os.path.join("models", "tiny-llama-4k")) -> str:
-    """The demo's generator: a tiny Llama with a 4,096-token context, made here the first time (nothing is
-    downloaded)."""
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        from ..actors.tiny_models import make_tiny_llama
+def demo_model() -> str:
+    """The demo's generator: a tiny Llama with a 4,096-token context, made in the model cache the first time
+    (nothing is downloaded)."""
+    from ..actors.tiny_models import make_tiny_llama
 
-        print(f"Making a tiny Llama for the demo in {folder} (random weights; once) ...")
-        make_tiny_llama(folder, max_positions=4096)
-    return os.path.abspath(folder)
+    def make(out: str) -> None:
+        print(f"Making a tiny Llama for the demo in {cache_dir()}/models (random weights; once; "
+              f"${CACHE_ENV} sets the folder) ...")
+        make_tiny_llama(out, max_positions=4096)
+
+    return cached_model("tiny-llama-4k", make)[0]
 
 
 def _with_ray_flags(recipe: Recipe, args: argparse.Namespace) -> Recipe:

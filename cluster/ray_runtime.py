@@ -23,7 +23,8 @@ def connect(config: RayConfig) -> bool:
         check_reachable(address)
         ray.init(address=address, logging_level=logging.WARNING)
         return True
-    ray.init(num_cpus=config.num_cpus or os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
+    # num_cpus None: Ray's own count, which honours a container's CPU quota (os.cpu_count() sees the host's).
+    ray.init(num_cpus=config.num_cpus, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=True)
     return True
 

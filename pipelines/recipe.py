@@ -38,7 +38,8 @@ class Strict(BaseModel):
 class RayConfig(Strict):
     address: Optional[str] = Field(None, description="Ray cluster address ('auto', 'ray://host:10001'); "
                                                      "null starts an embedded local Ray.")
-    num_cpus: Optional[int] = Field(None, gt=0, description="CPUs of the embedded local Ray; null = all of them.")
+    num_cpus: Optional[int] = Field(None, gt=0, description="CPUs of the embedded local Ray; null = what Ray detects "
+                                                        "(a container's CPU quota, not the host's cores).")
 
 
 class FastTextConfig(Strict):

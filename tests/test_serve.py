@@ -105,6 +105,43 @@ def test_the_openai_client_works_against_the_endpoint(server):
         client.completions.create(model="tiny", prompt="x", temperature=7)
 
 
+def test_standard_openai_fields_at_neutral_values_are_served_and_change_nothing(server):
+    """What OpenAI's client sends when a user passes its documented defaults: served (200), and the greedy answer is
+    the one without them; a value that would change the answer is a 400 naming the field."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    plain = [{"role": "system", "content": "You are a tutor."}, {"role": "user", "content": "What is a gene?"}]
+    greedy = dict(model="tiny", max_tokens=8, temperature=0)
+    expected = client.chat.completions.create(messages=plain, **greedy).choices[0].message.content
+    chat = client.chat.completions.create(
+        messages=[{"role": "developer", "content": "You are a tutor."},  # OpenAI's newer name for system
+                  {"role": "user", "content": [{"type": "text", "text": "What is a gene?"}]}],
+        presence_penalty=0, frequency_penalty=0, logprobs=False, logit_bias={}, user="u-1", **greedy)
+    assert chat.choices[0].message.content == expected
+    parts = client.chat.completions.create(messages=[plain[0], {"role": "user", "content": [
+        {"type": "text", "text": "What is"}, {"type": "text", "text": "a gene?"}]}], **greedy)
+    one_text = client.chat.completions.create(
+        messages=[plain[0], {"role": "user", "content": "What is\na gene?"}], **greedy)  # parts join by newline
+    assert (parts.usage.prompt_tokens, parts.choices[0].message.content) == \
+        (one_text.usage.prompt_tokens, one_text.choices[0].message.content)
+    text = client.completions.create(model="tiny", prompt="Cells", max_tokens=6, temperature=0).choices[0].text
+    assert client.completions.create(model="tiny", prompt="Cells", max_tokens=6, temperature=0, best_of=1,
+                                     presence_penalty=0, user="u-1").choices[0].text == text
+
+    refused = [("logprobs", dict(messages=plain, logprobs=True)),
+               ("presence_penalty", dict(messages=plain, presence_penalty=0.5)),
+               ("logit_bias", dict(messages=plain, logit_bias={"42": 5})),
+               ("messages.1.content", dict(messages=[plain[0], {"role": "user", "content": [
+                   {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]))]
+    for field, kwargs in refused:
+        with pytest.raises(openai.BadRequestError) as error:
+            client.chat.completions.create(model="tiny", max_tokens=4, **kwargs)
+        assert error.value.body["param"] == field or field in error.value.body["message"], error.value.body
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=4, logprobs=2)
+
+
 @pytest.mark.parametrize("route, body", [
     ("completions", {"model": "tiny", "prompt": "The immune system"}),
     ("chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "The immune system"}]}),
