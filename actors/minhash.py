@@ -139,7 +139,7 @@ def window_hashes(hashes: np.ndarray, offsets: np.ndarray, width: int, salt: int
     if total == 0:
         return out, window_offsets
     weights = _position_weights(width, salt)
-    length_term = np.uint64((width * 0xD6E8FEB86659FD93) % (1 << 64))
+    length_term = _length_term(width)
     short = np.flatnonzero((counts > 0) & (counts < width))
     in_short = np.zeros(total, bool)
     in_short[window_offsets[short]] = True
@@ -158,6 +158,37 @@ def window_hashes(hashes: np.ndarray, offsets: np.ndarray, width: int, salt: int
     if len(short):
         out[in_short] = _whole_sequence_hashes(hashes, offsets[short], counts[short], length_term, weights)
     return out, window_offsets
+
+
+def _length_term(width: int) -> np.uint64:
+    return np.uint64((width * 0xD6E8FEB86659FD93) % (1 << 64))
+
+
+def run_hashes(hashes: np.ndarray, offsets: np.ndarray, starts: np.ndarray, widths,
+               salt: int = 0) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """For each width in ``widths``: (width, the ``starts`` whose text has at least ``width`` words from there on,
+    the hash of those runs of ``width`` words). ``starts`` are positions in the batch's word array (ascending);
+    a run's hash is the one ``window_hashes(hashes, offsets, width, salt)`` gives the same window, so runs of
+    several widths are compared with windows of those widths. The widths share one accumulation: ``max(widths)``
+    gathers over the starts in all (fewer as the starts too close to their text's end drop out)."""
+    widths = sorted(set(int(w) for w in widths))
+    out: list[tuple[int, np.ndarray, np.ndarray]] = []
+    if not widths:
+        return out
+    counts = np.diff(offsets)
+    starts = np.asarray(starts, np.int64)
+    room = np.repeat(offsets[1:], counts)[starts] - starts if len(starts) else np.zeros(0, np.int64)
+    weights = _position_weights(widths[-1], salt)
+    acc = np.zeros(len(starts), np.uint64)
+    done = 0
+    for width in widths:
+        fits = room >= width  # later widths are larger: the others are dropped for good
+        starts, room, acc = starts[fits], room[fits], acc[fits]
+        for j in range(done, width):  # positions not yet summed for the remaining starts
+            acc += hashes[starts + j] * weights[j]
+        done = width
+        out.append((width, starts, _fmix64(acc + _length_term(width))))
+    return out
 
 
 def _whole_sequence_hashes(hashes, starts, counts, length_term, weights) -> np.ndarray:

@@ -3,7 +3,9 @@ references, exact and near-duplicates. Each dropped row gets one reason, the fir
 
 1. ``duplicate_of_reference``: the same normalised text as a reference, or a MinHash-estimated Jaccard similarity of
    word shingles >= ``near_dedup.threshold`` to one (every row against every reference: references are few);
-2. ``contaminated``: shares a word ``decontaminate.ngram``-gram (13, GPT-3's choice) with an evaluation item;
+2. ``contaminated``: shares a word ``decontaminate.ngram``-gram (13, GPT-3's choice) with an evaluation item, or
+   contains a shorter evaluation item (``SHORT_ITEM_MIN_WORDS`` to ngram - 1 words) whole, as a contiguous run of its
+   normalised words; an item under ``SHORT_ITEM_MIN_WORDS`` words matches only a sample that is that text;
 3. ``similar_to_reference``: embedding cosine to the closest reference >= ``max_reference_similarity`` (when set);
 4. ``exact_duplicate``: the same normalised text as an earlier row (smaller ``_order``); the first is kept;
 5. ``near_duplicate``: in a cluster of near-duplicates; the member with the smallest ``_order`` is kept.
@@ -15,7 +17,8 @@ How it runs at scale (no text ever reaches the driver):
 - Pass 1, Ray Data tasks (one per input file, or blocks of ``batch_size`` rows shared out when there are fewer files
   than CPUs): each row is normalised and hashed once (word hashes, then its exact-duplicate key, its MinHash
   signature and LSH band keys, its evaluation n-grams looked up in the sorted hash set of every evaluation item,
-  which was built in the driver and ``ray.put`` once; its signature compared with the references'). Only compact
+  which was built in the driver and ``ray.put`` once, then its runs of as many words as each short evaluation item
+  that start with a short item's first word; its signature compared with the references'). Only compact
   columns come back to the driver: ``_order``, the 8-byte exact key, the ``bands`` 8-byte band keys and a few bytes of
   reference/evaluation results; with the decisions, about 42 + 8 x bands bytes a row (106 bytes at the defaults:
   8 bands of 16 rows for Jaccard 0.85 and 128 permutations, i.e. ~11 GB per 100M rows, twice that for a moment while
@@ -62,6 +65,13 @@ REASONS = ("duplicate_of_reference", "contaminated", "similar_to_reference", "ex
 QC_REASON, QC_DETAIL = "qc_reason", "qc_detail"
 EXACT, BANDS, SIGNATURE = "_exact", "_bands", "_signature"
 REF_KIND, REF_INDEX, REF_JACCARD, EVAL_ITEM = "_ref_kind", "_ref_index", "_ref_jaccard", "_eval_item"
+EVAL_WORDS = "_eval_words"  # words of the short evaluation item matched (0: an n-gram)
+# Evaluation items of this many words up to ngram - 1 are looked for inside samples; shorter ones only as a sample's
+# whole text. Measured on the quickstart's 144 MMLU biology rows (question and choices) against 16,906 bundled texts
+# that share none (web pool, medical and PubMed abstracts, the quickstart corpus, few-shots): looking for items of
+# 3+ words would flag 17 of them ("a large population", ...), 4+ words 4 ("increase the mortality rate", "I, II, and
+# III"), 5+ words none; all 225 items of 5-12 words (33 questions, 192 choices) planted in web texts are caught.
+SHORT_ITEM_MIN_WORDS = 5
 ALL_PAIRS_UP_TO = 16  # a bucket of up to this many rows gives all its pairs; a larger one a star and a chain
 REFERENCE_COMPARE_BYTES = 1 << 24  # rows x references x permutations compared at a time in pass 1
 
@@ -73,10 +83,16 @@ class QcError(StageError):
 # ------------------------------------------------------------------------------------------ inputs and preflight
 @dataclass
 class EvalGrams:
-    """The n-gram hashes of every evaluation item (sorted) and, in parallel, the item each came from."""
+    """The n-gram hashes of every evaluation item (sorted) and, in parallel, the item each came from; and the
+    whole-item hashes of the short items (``SHORT_ITEM_MIN_WORDS`` to ngram - 1 words), looked for inside samples."""
     hashes: np.ndarray  # uint64, sorted
     items: np.ndarray  # int32: index into ``sources``
     sources: list[tuple[str, int]]  # (file, line) of each item
+    words: np.ndarray  # int16, parallel to ``hashes``: the item's words when under ngram (its one gram), else 0
+    short_hashes: np.ndarray  # uint64, sorted: a short item's run of all its words
+    short_items: np.ndarray  # int32: index into ``sources``
+    short_first: np.ndarray  # uint64, sorted, distinct: the hashes of the short items' first words
+    short_widths: list[int]  # the distinct word counts of the short items
 
 
 @dataclass
@@ -88,7 +104,7 @@ class QcInputs:
 
 def load_eval_grams(cfg: DecontaminateConfig) -> EvalGrams:
     """Every string field of every evaluation row (or the ``eval_fields``; a list of strings counts string by
-    string), each field on its own, as word n-grams."""
+    string), each field on its own, as word n-grams, and the short ones also whole (see ``SHORT_ITEM_MIN_WORDS``)."""
     what = "qc.decontaminate.eval_files"
     try:
         records = read_records(cfg.eval_files, what)
@@ -107,10 +123,28 @@ def load_eval_grams(cfg: DecontaminateConfig) -> EvalGrams:
                 texts.append(text)
                 owners.append(len(sources))
         sources.append((file, line))
-    hashes, offsets = minhash.ngram_hashes(texts, cfg.ngram)
-    items = np.repeat(np.asarray(owners, np.int32), np.diff(offsets))
+    owners = np.asarray(owners, np.int32)
+    word_hashes, word_offsets = minhash.word_hashes(minhash.normalised_words(texts))
+    hashes, offsets = minhash.window_hashes(word_hashes, word_offsets, cfg.ngram, salt=minhash.NGRAM_SALT)
+    counts = np.diff(word_offsets)
+    grams = np.diff(offsets)
+    items = np.repeat(owners, grams)
+    words = np.repeat(np.where(counts < cfg.ngram, counts, 0).astype(np.int16), grams)
     order = np.argsort(hashes, kind="stable")
-    return EvalGrams(hashes[order], items[order], sources)
+    # short items: the run of all their words, hashed as a sample's runs of that many words are
+    short = np.flatnonzero((counts >= SHORT_ITEM_MIN_WORDS) & (counts < cfg.ngram))
+    starts = word_offsets[:-1][short]
+    short_hashes, short_items = [], []
+    for width, at, run in minhash.run_hashes(word_hashes, word_offsets, starts, np.unique(counts[short]),
+                                             salt=minhash.NGRAM_SALT):
+        whole = counts[short[np.searchsorted(starts, at)]] == width  # the run is the whole item
+        short_hashes.append(run[whole])
+        short_items.append(owners[short[np.searchsorted(starts, at[whole])]])
+    short_hashes = np.concatenate(short_hashes) if short_hashes else np.zeros(0, np.uint64)
+    short_items = np.concatenate(short_items) if short_items else np.zeros(0, np.int32)
+    short_order = np.argsort(short_hashes, kind="stable")
+    return EvalGrams(hashes[order], items[order], sources, words[order], short_hashes[short_order],
+                     short_items[short_order], np.unique(word_hashes[starts]), np.unique(counts[short]).tolist())
 
 
 def _strings(value) -> bool:
@@ -172,8 +206,10 @@ class HashRows:
                         REF_JACCARD: pa.array(ref_jaccard)})
         if self.ngram:
             grams, gram_offsets = minhash.window_hashes(word_hashes, offsets, self.ngram, salt=minhash.NGRAM_SALT)
-            columns[EVAL_ITEM] = pa.array(_first_eval_hit(grams, gram_offsets, shared["eval_hashes"],
-                                                          shared["eval_items"]))
+            item, words = _first_eval_hit(grams, gram_offsets, shared["eval_hashes"], shared["eval_items"],
+                                          shared["eval_words"])
+            _short_eval_hits(word_hashes, offsets, shared, item, words)
+            columns[EVAL_ITEM], columns[EVAL_WORDS] = pa.array(item), pa.array(words)
         return pa.table(columns)
 
 
@@ -196,25 +232,50 @@ def _closest_signatures(sig: np.ndarray, refs: np.ndarray) -> tuple[np.ndarray, 
     return best, which
 
 
-def _first_eval_hit(grams: np.ndarray, offsets: np.ndarray, eval_hashes: np.ndarray,
-                    eval_items: np.ndarray) -> np.ndarray:
-    """Per row, the evaluation item of its first n-gram found in the evaluation set (-1 when none is)."""
-    out = np.full(len(offsets) - 1, -1, np.int32)
+def _first_eval_hit(grams: np.ndarray, offsets: np.ndarray, eval_hashes: np.ndarray, eval_items: np.ndarray,
+                    eval_words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the evaluation item of its first n-gram found in the evaluation set (-1 when none is), and that
+    gram's ``words`` (an item shorter than the n-gram is its one gram: the row is that whole text; else 0)."""
+    out, words = np.full(len(offsets) - 1, -1, np.int32), np.zeros(len(offsets) - 1, np.int16)
     if not len(grams) or not len(eval_hashes):
-        return out
+        return out, words
     at = np.minimum(np.searchsorted(eval_hashes, grams), len(eval_hashes) - 1)
     hit = np.flatnonzero(eval_hashes[at] == grams)
     if len(hit):
         row = np.searchsorted(offsets, hit, side="right") - 1
         rows, first = np.unique(row, return_index=True)
-        out[rows] = eval_items[at[hit[first]]]
-    return out
+        out[rows], words[rows] = eval_items[at[hit[first]]], eval_words[at[hit[first]]]
+    return out, words
+
+
+def _short_eval_hits(word_hashes: np.ndarray, offsets: np.ndarray, shared: dict, item: np.ndarray,
+                     words: np.ndarray) -> None:
+    """Rows without an n-gram hit that contain a short evaluation item whole (the longest such item wins): ``item``
+    and ``words`` (its word count) are set in place. Only runs starting with a short item's first word are hashed,
+    at the short items' widths."""
+    short, first = shared["short_hashes"], shared["short_first"]
+    if short is None or not len(short) or not len(word_hashes):
+        return
+    at = np.minimum(np.searchsorted(first, word_hashes), len(first) - 1)
+    starts = np.flatnonzero(first[at] == word_hashes)
+    runs = minhash.run_hashes(word_hashes, offsets, starts, shared["short_widths"], salt=minhash.NGRAM_SALT)
+    for width, begins, hashes in reversed(runs):  # longest first
+        at = np.minimum(np.searchsorted(short, hashes), len(short) - 1)
+        hit = np.flatnonzero(short[at] == hashes)
+        if not len(hit):
+            continue
+        row = np.searchsorted(offsets, begins[hit], side="right") - 1
+        rows, first_hit = np.unique(row, return_index=True)
+        free = item[rows] < 0
+        item[rows[free]] = shared["short_items"][at[hit[first_hit[free]]]]
+        words[rows[free]] = width
 
 
 def _shared_tables(cfg: QcConfig, inputs: QcInputs) -> dict:
     refs, grams = inputs.reference_texts, inputs.eval
     shared = {"ref_exact": None, "ref_exact_index": None, "ref_signatures": None,
-              "eval_hashes": None, "eval_items": None}
+              "eval_hashes": None, "eval_items": None, "eval_words": None, "short_hashes": None, "short_items": None,
+              "short_first": None, "short_widths": None}
     if refs:
         keys = minhash.text_hashes(refs)
         order = np.argsort(keys, kind="stable")  # the first of equal references wins
@@ -223,7 +284,9 @@ def _shared_tables(cfg: QcConfig, inputs: QcInputs) -> dict:
             shared["ref_signatures"] = minhash.minhash_texts(refs, cfg.near_dedup.num_perm,
                                                              cfg.near_dedup.shingle_words, cfg.near_dedup.seed)
     if grams is not None:
-        shared["eval_hashes"], shared["eval_items"] = grams.hashes, grams.items
+        shared.update({"eval_hashes": grams.hashes, "eval_items": grams.items, "eval_words": grams.words,
+                       "short_hashes": grams.short_hashes, "short_items": grams.short_items,
+                       "short_first": grams.short_first, "short_widths": grams.short_widths})
     return shared
 
 
@@ -353,7 +416,7 @@ def run_qc(cfg: QcConfig, stage: StageDir, upstream: str | None = None,
         if inputs.eval is not None:
             item = facts.column(EVAL_ITEM).to_numpy()
             hit = np.flatnonzero(item >= 0)
-            decisions.drop(hit, "contaminated", item[hit])
+            decisions.drop(hit, "contaminated", item[hit], facts.column(EVAL_WORDS).to_numpy()[hit])
 
     if n and cfg.max_reference_similarity is not None and inputs.reference_texts:
         t = time.perf_counter()
@@ -408,7 +471,8 @@ def run_qc(cfg: QcConfig, stage: StageDir, upstream: str | None = None,
         "max_reference_similarity": cfg.max_reference_similarity,
         "decontaminate": None if inputs.eval is None else {
             "eval_files": list(cfg.decontaminate.eval_files), "eval_items": len(inputs.eval.sources),
-            "ngram": cfg.decontaminate.ngram, "distinct_ngrams": int(len(np.unique(inputs.eval.hashes)))},
+            "ngram": cfg.decontaminate.ngram, "distinct_ngrams": int(len(np.unique(inputs.eval.hashes))),
+            "short_items_min_words": SHORT_ITEM_MIN_WORDS, "short_items": int(len(inputs.eval.short_hashes))},
         "diversity": diversity,
         "docs_per_second": round(rows_in / max(checked, 1e-9), 1),
         "seconds_by_phase": {k: round(v, 3) for k, v in phases.items()},
@@ -533,7 +597,13 @@ def _details(decisions: Decisions, rows: np.ndarray, cfg: QcConfig, inputs: QcIn
                        f"near-duplicate of reference {partner} (estimated Jaccard {score:.2f})")
         elif name == "contaminated":
             file, line = inputs.eval.sources[partner]
-            out.append(f"{cfg.decontaminate.ngram}-gram shared with eval {file} line {line}")
+            words = 0 if np.isnan(score) else int(score)
+            if not words:
+                out.append(f"{cfg.decontaminate.ngram}-gram shared with eval {file} line {line}")
+            elif words < SHORT_ITEM_MIN_WORDS:
+                out.append(f"whole text is the {words}-word eval item of {file} line {line}")
+            else:
+                out.append(f"{words}-word eval item shared with eval {file} line {line}")
         elif name == "similar_to_reference":
             out.append(f"embedding cosine {score:.3f} to reference {partner} (max_reference_similarity "
                        f"{cfg.max_reference_similarity})")

@@ -588,12 +588,23 @@ class Recipe(Strict):
         """Whether ``run`` has anything to do (a recipe with only ``serve`` or ``kubernetes`` has not)."""
         return any(getattr(self, stage) is not None for stage in STAGE_ORDER)
 
-    def stage_fingerprint(self, stage: str) -> str:
-        """Hash of one stage's settings and of every configured stage before it: a finished stage is skipped on
-        rerun only when this matches its marker, so changing an upstream stage redoes everything downstream."""
-        upstream = STAGE_ORDER[:STAGE_ORDER.index(stage)]
-        configs = [getattr(self, s).model_dump(mode="json") for s in (*upstream, stage) if getattr(self, s)]
-        return hashlib.sha256(json.dumps(configs if upstream else configs[0], sort_keys=True).encode()).hexdigest()[:16]
+    def stage_fingerprint(self, stage: str, inputs: Optional[dict[str, str]] = None) -> str:
+        """Hash of one stage's settings and input files and of those of every configured stage before it: a finished
+        stage is skipped on rerun only when this matches its marker, so changing an upstream stage or its inputs
+        redoes everything downstream. Input files are identified as pipelines/input_identity.py says (content hash
+        when small, size and modification time when large; other stages' outputs in this run are left out).
+        ``inputs``: a cache of each stage's input digest, filled as needed (pass one dict for all stages of a run
+        so that each stage's inputs are looked at once)."""
+        from .input_identity import stage_inputs_digest
+
+        inputs = {} if inputs is None else inputs
+        chain = [s for s in (*STAGE_ORDER[:STAGE_ORDER.index(stage)], stage) if getattr(self, s) is not None]
+        for s in chain:
+            if s not in inputs:
+                inputs[s] = stage_inputs_digest(self, s)
+        payload = [{"stage": s, "settings": getattr(self, s).model_dump(mode="json"), "inputs": inputs[s]}
+                   for s in chain]
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # qc before judge: dropping duplicates is cheap, a judgment is an LLM call per row.

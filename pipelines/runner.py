@@ -116,14 +116,15 @@ def _check_inputs(field: str, specs: list[str]) -> None:
 def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print) -> dict[str, dict]:
     """Run every stage the recipe configures; returns each stage's report."""
     reports = {}
+    input_digests: dict[str, str] = {}  # each stage's inputs looked at once per run (listings, small-file hashes)
     for name in STAGE_ORDER:
         config = getattr(recipe, name)
         if config is None:
             continue
         stage = StageDir(f"{recipe.run_dir.rstrip('/')}/{name}")
-        fingerprint = recipe.stage_fingerprint(name)
+        fingerprint = recipe.stage_fingerprint(name, input_digests)
         if stage.completed_with(fingerprint):
-            echo(f"[{name}] already complete in {stage.uri} (recipe unchanged): skipped")
+            echo(f"[{name}] already complete in {stage.uri} (recipe and inputs unchanged): skipped")
             reports[name] = stage.read_json("report.json")
             continue
         # Anything left by an interrupted attempt is removed: the stage is redone, never appended to.

@@ -1,7 +1,7 @@
 """QC on a real local Ray with real texts (the bundled web corpus, CRAFT's BioQA few-shots as references, medical
 abstracts as an evaluation set), with planted exact and near-duplicates, an evaluation leak, copies of references and
 malformed rows: each planted row must be dropped for its reason, nothing else dropped, every row counted. Also the
-MinHash/LSH building blocks and the diversity measures."""
+MinHash/LSH building blocks, short evaluation items against the bundled data, and the diversity measures."""
 
 from __future__ import annotations
 
@@ -16,16 +16,26 @@ import pytest
 
 from domainsynth.actors import minhash
 from domainsynth.pipelines.diversity import distinct_n, measure_diversity
-from domainsynth.pipelines.qc import (REASONS, QcError, candidate_pairs, check_qc, near_duplicate_clusters,
-                                      run_qc)
-from domainsynth.pipelines.recipe import DiversityConfig, QcConfig
+import pyarrow as pa
+import ray
+
+from domainsynth.pipelines import corpus
+from domainsynth.pipelines.qc import (EVAL_ITEM, EVAL_WORDS, REASONS, SHORT_ITEM_MIN_WORDS, HashRows, QcError,
+                                      QcInputs, _shared_tables, candidate_pairs, check_qc, load_eval_grams,
+                                      near_duplicate_clusters, run_qc)
+from domainsynth.pipelines.recipe import DecontaminateConfig, DiversityConfig, QcConfig
 from domainsynth.pipelines.references import References
 from domainsynth.pipelines.rundir import StageDir
 
-from conftest import write_jsonl
+from conftest import DATA, read_jsonl_gz, write_jsonl
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
 FEW_SHOTS = EXAMPLES / "craft_bioqa_fewshot.jsonl"
+EVAL_BIOQA = EXAMPLES / "eval_bioqa.jsonl"  # the quickstart's evaluation set (MMLU college biology)
+
+
+def eval_bioqa() -> list[dict]:
+    return [json.loads(line) for line in EVAL_BIOQA.read_text().splitlines() if line.strip()]
 
 
 def corpus_texts() -> list[dict]:
@@ -62,7 +72,17 @@ def planted(tmp_path_factory) -> dict:
     few_shots = [json.loads(line) for line in FEW_SHOTS.read_text().splitlines() if line.strip()]
     abstracts = [json.loads(line) for line in (EXAMPLES / "medical_in_domain.jsonl").read_text().splitlines()]
     evals = [{"question": a["text"], "answer": "yes"} for a in abstracts[:3]]
+    # two MMLU rows: line 4 has the 4-word choice "increase the mortality rate", line 5 an 8-word question
+    mmlu = eval_bioqa()
+    evals += [mmlu[0], mmlu[35]]
+    short_question = mmlu[35]["question"]
+    assert len(minhash.normalise([short_question])[0].split()) == 8
+    assert "increase the mortality rate" in mmlu[0]["choices"]
     write_jsonl(root / "eval.jsonl", evals)
+    # a real abstract that contains that common 4-word choice (and nothing else of the evaluation set): kept
+    common = next(r for r in read_jsonl_gz(DATA / "medical_abstracts.jsonl.gz") if r["id"] == "medabs-1203")
+    assert "increase the mortality rate" in minhash.normalise([common["text"]])[0]
+    base.append({"id": f"s-{len(base):03d}", "text": common["text"], "source": common["id"]})
 
     long_doc = next(r for r in base if len(r["text"].split()) >= 150)
     n_words = len(long_doc["text"].split())
@@ -76,6 +96,13 @@ def planted(tmp_path_factory) -> dict:
         "near-copy": ("near_duplicate", near_text, f"near-duplicate of id {long_doc['id']}"),
         "eval-leak": ("contaminated", "Notes from the reading group. " + " ".join(leak_words) +
                       " We will come back to this next week.", "13-gram shared with eval eval.jsonl line 2"),
+        # a short benchmark question inside other text: all its words, in a row (punctuation and case aside)
+        "short-eval-leak": ("contaminated", "Revision notes for the plant biology exam. Fill in the gap: "
+                            + short_question.upper() + "... dominant sporophyte. Answers next week.",
+                            "8-word eval item shared with eval eval.jsonl line 5"),
+        # an item under SHORT_ITEM_MIN_WORDS words counts only as a whole text
+        "tiny-eval-copy": ("contaminated", "Increase the mortality rate!",
+                           "whole text is the 4-word eval item of eval.jsonl line 4"),
         "reference-copy": ("duplicate_of_reference", reference.lower(), "duplicate of reference 4"),
         "reference-near-copy": ("duplicate_of_reference", replace_words(other_reference, [len(ref_words) // 2]),
                                 "near-duplicate of reference 9"),
@@ -126,6 +153,7 @@ def test_originals_are_kept_with_their_fields(qc_run, planted):
     kept = {r["id"]: r for r in qc_run["kept"]}
     assert set(kept) == {r["id"] for r in planted["base"]}
     assert {"s-010", planted["near_original"]} <= set(kept)
+    assert kept[planted["base"][-1]["id"]]["source"] == "medabs-1203"  # holds only a 4-word eval choice: kept
     row = kept["s-010"]
     assert row["text"] == planted["base"][10]["text"] and row["source"] == planted["base"][10]["source"]
     assert "_order" not in row and "qc_reason" not in row and row["_source_file"] == "samples.jsonl"
@@ -134,13 +162,16 @@ def test_originals_are_kept_with_their_fields(qc_run, planted):
 def test_every_row_is_counted(qc_run, planted):
     report = qc_run["report"]
     assert set(report["rows_filtered"]) == set(REASONS)
-    assert report["rows_filtered"] == {"duplicate_of_reference": 2, "contaminated": 1, "similar_to_reference": 1,
+    assert report["rows_filtered"] == {"duplicate_of_reference": 2, "contaminated": 3, "similar_to_reference": 1,
                                        "exact_duplicate": 1, "near_duplicate": 1}
     assert report["rows_in"] == planted["lines"] == len(planted["base"]) + len(planted["plants"]) + 2
     assert report["rows_in"] == report["rows_out"] + sum(report["rows_filtered"].values()) + report["rows_quarantined"]
     assert report["rows_out"] == len(qc_run["kept"]) and report["rows_quarantined"] == 2
     near = report["near_dedup"]
     assert (near["bands"], near["rows"]) == minhash.lsh_params(0.85, 128) and near["clusters"] == 1
+    decontaminate = report["decontaminate"]
+    assert decontaminate["short_items_min_words"] == SHORT_ITEM_MIN_WORDS == 5
+    assert decontaminate["short_items"] == 1 + 5  # the 8-word question and five choices of 5 to 12 words
     saved = json.loads((qc_run["root"] / "report.json").read_text())
     assert saved["rows_filtered"] == report["rows_filtered"]
     markdown = (qc_run["root"] / "report.md").read_text()
@@ -181,6 +212,59 @@ def test_normalisation_and_ngrams():
     assert np.diff(offsets).tolist() == [8, 1, 0]  # 20 - 13 + 1 windows; a short text is one gram; empty: none
     inside, _ = minhash.ngram_hashes(["prefix words " + " ".join(text.split()[3:16]) + " suffix"], 13)
     assert np.isin(inside, grams[:8]).sum() == 1  # the same 13 words elsewhere give the same gram
+
+
+def test_run_hashes_equal_the_windows_of_that_width():
+    texts = [" ".join(f"w{i}" for i in range(20)), "x y w3 w4 w5 w6", "", "w3 w4 w5"]
+    hashes, offsets = minhash.word_hashes(minhash.normalised_words(texts))
+    counts = np.diff(offsets)
+    for width, starts, runs in minhash.run_hashes(hashes, offsets, np.arange(len(hashes)), [8, 3, 5, 3], salt=1):
+        windows, window_offsets = minhash.window_hashes(hashes, offsets, width, salt=1)
+        expected = np.concatenate([windows[window_offsets[t]:window_offsets[t + 1]]
+                                   for t in range(len(texts)) if counts[t] >= width])
+        assert runs.tolist() == expected.tolist() and len(starts) == len(runs)
+    three = dict((w, r) for w, _, r in minhash.run_hashes(hashes, offsets, np.arange(len(hashes)), [3], salt=1))[3]
+    assert (three == three[3]).sum() == 3  # "w3 w4 w5" in all three texts that have it
+
+
+def hash_rows(texts: list[str], eval_files: list[str]) -> tuple[np.ndarray, np.ndarray, list]:
+    """Pass 1's evaluation columns for ``texts`` (the item each row matched, -1 if none, and how many words)."""
+    cfg = QcConfig.model_validate({"decontaminate": {"eval_files": eval_files}, "near_dedup": {"enabled": False}})
+    grams = load_eval_grams(DecontaminateConfig(eval_files=eval_files))
+    hasher = HashRows(cfg, 0, 0, ray.put(_shared_tables(cfg, QcInputs([], None, grams))))
+    items, words = [], []
+    for lo in range(0, len(texts), 1024):
+        chunk = texts[lo:lo + 1024]
+        facts = hasher(pa.table({corpus.ORDER: pa.array(np.arange(len(chunk))), "text": pa.array(chunk)}))
+        items.append(facts.column(EVAL_ITEM).to_numpy())
+        words.append(facts.column(EVAL_WORDS).to_numpy())
+    return np.concatenate(items), np.concatenate(words), grams.sources
+
+
+def test_short_eval_items_are_found_in_text_without_flagging_clean_texts(ray_local):
+    """The quickstart's 144 MMLU rows against 12,478 bundled texts that share none of them (web pool, medical
+    abstracts), and every one of its 5-12-word items (33 questions, 192 choices) planted into a web text."""
+    clean = [r["text"] for r in read_jsonl_gz(DATA / "general_pool.jsonl.gz")]
+    clean += [r["text"] for r in read_jsonl_gz(DATA / "medical_abstracts.jsonl.gz")]
+    item, _, _ = hash_rows(clean, [str(EVAL_BIOQA)])
+    assert (item >= 0).sum() == 0
+
+    rng = random.Random(5)
+    hosts = [t for t in clean[:9590] if len(t.split(". ")) >= 3]
+    planted, expected = [], []
+    for line, row in enumerate(eval_bioqa(), 1):
+        for text in [row["question"], *row["choices"]]:
+            n = len(minhash.normalise([text])[0].split())
+            if SHORT_ITEM_MIN_WORDS <= n < 13:
+                sentences = rng.choice(hosts).split(". ")
+                k = rng.randrange(1, len(sentences))
+                planted.append(". ".join(sentences[:k]) + ". " + text + " " + ". ".join(sentences[k:]))
+                expected.append((line, n))
+    assert len(planted) == 225
+    item, words, sources = hash_rows(planted, [str(EVAL_BIOQA)])
+    assert (item >= 0).all()
+    # the row matched is the planted one, by all its words
+    assert all(sources[i][1] == line and w == n for i, w, (line, n) in zip(item.tolist(), words.tolist(), expected))
 
 
 def test_minhash_estimates_the_shingle_jaccard():
