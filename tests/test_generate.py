@@ -12,6 +12,7 @@ import time
 import psutil
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from domainsynth.actors.engines import SamplingParams, TransformersEngine
 from domainsynth.actors.soft_prompt import load_soft_prompt
@@ -84,13 +85,18 @@ def test_rows_of_a_killed_engine_actor_are_retried_not_lost(ray_local, tiny_llam
     stage = threading.Thread(target=run)
     stage.start()
     killed, deadline = None, time.monotonic() + 120
+    # Only this session's own Ray: its workers are children of its raylet (never processes matched across the host).
+    raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
     while killed is None and stage.is_alive() and time.monotonic() < deadline:
-        for proc in psutil.process_iter(["pid", "cmdline", "create_time"]):
-            title = " ".join(proc.info["cmdline"] or [])
+        for proc in raylet.children(recursive=True):
+            try:
+                title, age = " ".join(proc.cmdline()), time.time() - proc.create_time()
+            except psutil.Error:
+                continue
             # Kill once the actor has been working a while (model loaded, batches done and in flight).
-            if "GenerateBatch" in title and time.time() - proc.info["create_time"] > 6:
+            if "GenerateBatch" in title and age > 6:
                 proc.send_signal(signal.SIGKILL)
-                killed = proc.info["pid"]
+                killed = proc.pid
                 break
         time.sleep(0.2)
     stage.join(timeout=600)
