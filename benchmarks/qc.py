@@ -83,7 +83,7 @@ def build_corpus(out: Path, docs: int, near: int, exact: int, shards: int, seed:
 
 OURS = """
 import json, sys, time, ray
-from domainsynth.pipelines.qc import run_qc
+from domainsynth.pipelines.synthesis.qc import run_qc
 from domainsynth.pipelines.recipe import QcConfig
 from domainsynth.pipelines.rundir import StageDir
 ray.init(num_cpus=int(sys.argv[3]), include_dashboard=False, log_to_driver=False)

@@ -11,7 +11,7 @@ import time
 from ..actors.engines import ENGINE_KINDS
 from ..pipelines.recipe import STAGE_ORDER, Recipe, RecipeError, build_recipe, load_recipe
 from ..pipelines import paths
-from ..pipelines.retrieve import check_same_corpus
+from ..pipelines.curation.retrieve import check_same_corpus
 from ..pipelines.rundir import MARKER, StageDir, StageError
 from ..pipelines.runner import preflight, run_recipe
 from . import ray_runtime

@@ -304,7 +304,7 @@ class SynthesizeConfig(EnginePoolConfig):
     """The synthesis stage: one of the three methods, through the batch-generation engines."""
     method: Literal["craft", "trait", "domino"]
     template: Optional[str] = Field(None, description="A Jinja2 prompt template replacing the method's default "
-                                                      "(pipelines/templates/).")
+                                                      "(pipelines/synthesis/templates/).")
     system_prompt: Optional[str] = Field(None, description="craft/trait: a system message before each prompt.")
     sampling: dict[str, Any] = Field(default_factory=dict, description="Overrides of the method's sampling defaults "
                                      "(craft: T 0.7, top_p 0.9, top_k 40; trait: T 0.7, top_p 0.9; domino: T 0.8).")

@@ -6,14 +6,14 @@ from typing import Callable
 
 from .recipe import STAGE_ORDER, Recipe
 from .rundir import StageDir
-from .embed import run_embed
-from .generate import run_generate
-from .index import run_index
-from .judge import prepare as check_judge, run_judge
-from .qc import check_qc, run_qc
-from .retrieve import load_few_shots, run_retrieve
-from .select import run_select
-from .synthesize import check_synthesize, default_references, run_synthesize
+from .curation.embed import run_embed
+from .synthesis.generate import run_generate
+from .curation.index import run_index
+from .synthesis.judge import prepare as check_judge, run_judge
+from .synthesis.qc import check_qc, run_qc
+from .curation.retrieve import load_few_shots, run_retrieve
+from .curation.select import run_select
+from .synthesis.synthesize import check_synthesize, default_references, run_synthesize
 
 STAGES: dict[str, Callable] = {"select": run_select, "embed": run_embed, "index": run_index, "retrieve": run_retrieve,
                                "generate": run_generate, "synthesize": run_synthesize, "qc": run_qc,

@@ -12,7 +12,7 @@ from ray.core.generated import autoscaler_pb2
 from ray.experimental import internal_kv
 
 from domainsynth.pipelines import resources
-from domainsynth.pipelines.generate import GenerateError, engine_pool
+from domainsynth.pipelines.synthesis.generate import GenerateError, engine_pool
 from domainsynth.pipelines.recipe import GenerateConfig
 
 
@@ -65,7 +65,7 @@ def test_a_group_without_a_maximum_does_not_size_pools_for_infinity(autoscaler, 
 def test_an_index_uses_a_gpu_only_when_one_is_up(autoscaler):
     """A GPU group the autoscaler could start does not make the faiss build ask for a GPU (and so start a pod)."""
     from domainsynth.actors.vector_index import IndexPlan
-    from domainsynth.pipelines.index import wants_gpu
+    from domainsynth.pipelines.curation.index import wants_gpu
 
     autoscaler(published(("gpu-workers", {"CPU": 8, "GPU": 1}, 2)))
     assert resources.cluster_gpus() == 2 and resources.gpus_up() == 0

@@ -15,16 +15,16 @@ import pyarrow.dataset as pads
 import pytest
 
 from domainsynth.actors import minhash
-from domainsynth.pipelines.diversity import distinct_n, measure_diversity
+from domainsynth.pipelines.synthesis.diversity import distinct_n, measure_diversity
 import pyarrow as pa
 import ray
 
 from domainsynth.pipelines import corpus
-from domainsynth.pipelines.qc import (EVAL_ITEM, EVAL_WORDS, REASONS, SHORT_ITEM_MIN_WORDS, HashRows, QcError,
+from domainsynth.pipelines.synthesis.qc import (EVAL_ITEM, EVAL_WORDS, REASONS, SHORT_ITEM_MIN_WORDS, HashRows, QcError,
                                       QcInputs, _shared_tables, candidate_pairs, check_qc, load_eval_grams,
                                       near_duplicate_clusters, run_qc)
 from domainsynth.pipelines.recipe import DecontaminateConfig, DiversityConfig, QcConfig
-from domainsynth.pipelines.references import References
+from domainsynth.pipelines.synthesis.references import References
 from domainsynth.pipelines.rundir import StageDir
 
 from conftest import DATA, read_jsonl_gz, write_jsonl

@@ -7,7 +7,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from domainsynth.pipelines.retrieve import choose_hits
+from domainsynth.pipelines.curation.retrieve import choose_hits
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

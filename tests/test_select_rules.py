@@ -12,7 +12,7 @@ from domainsynth.actors.quality import HFQualityScorer
 from domainsynth.actors.tiny_models import make_tiny_llama
 from domainsynth.pipelines.recipe import build_recipe
 from domainsynth.pipelines.runner import run_recipe
-from domainsynth.pipelines.select import SelectError, scorer_pool_size
+from domainsynth.pipelines.curation.select import SelectError, scorer_pool_size
 
 from conftest import write_jsonl
 

@@ -14,7 +14,7 @@ import pyarrow.dataset as pads
 import pytest
 
 from domainsynth.cluster.cli import main
-from domainsynth.pipelines import trait
+from domainsynth.pipelines.synthesis import trait
 from domainsynth.pipelines.recipe import RATINGS, build_recipe
 from domainsynth.pipelines.runner import run_recipe
 
@@ -93,7 +93,7 @@ def test_craft_answers_cut_short_are_dropped_as_unparseable(ray_local, tmp_path,
 
 
 def test_craft_validation_as_in_the_paper():
-    from domainsynth.pipelines import craft
+    from domainsynth.pipelines.synthesis import craft
     from domainsynth.pipelines.recipe import CraftConfig
 
     mcq = CraftConfig(few_shots=[BIOQA])

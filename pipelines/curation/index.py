@@ -17,14 +17,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 
-from ..actors.embedding import EMBEDDING, arrow_to_vectors
-from ..actors.vector_index import (ExactNeighbours, IndexPlan, calibrate, faiss_gpus, finish_for_saving, new_index,
+from ...actors.embedding import EMBEDDING, arrow_to_vectors
+from ...actors.vector_index import (ExactNeighbours, IndexPlan, calibrate, faiss_gpus, finish_for_saving, new_index,
                                    save_index, set_search_parameters, to_gpus)
-from . import corpus
-from .recipe import IndexConfig
-from .resources import gpus_up, largest_node_cpus
-from .report import markdown_table, write_report
-from .rundir import StageDir, StageError
+from .. import corpus
+from ..recipe import IndexConfig
+from ..resources import gpus_up, largest_node_cpus
+from ..report import markdown_table, write_report
+from ..rundir import StageDir, StageError
 
 MIN_TRAINING_POINTS_PER_CELL = 39  # faiss warns below this many k-means points per centroid
 RECALL_AT = 10

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..actors.minhash import normalised_words
-from .recipe import DiversityConfig
-from .report import _png, _pyplot, markdown_table
+from ...actors.minhash import normalised_words
+from ..recipe import DiversityConfig
+from ..report import _png, _pyplot, markdown_table
 
 
 def distinct_n(words: list[list[str]], n: int) -> float | None:
@@ -26,7 +26,7 @@ def distinct_n(words: list[list[str]], n: int) -> float | None:
 
 
 def _embedding_measures(texts: list[str], references: list[str] | None, model: str) -> dict:
-    from .embed import embed_texts  # one Ray task, one model load for samples and references
+    from ..curation.embed import embed_texts  # one Ray task, one model load for samples and references
 
     vectors = embed_texts(texts + list(references or []), model).astype(np.float64)
     vectors, reference_vectors = vectors[:len(texts)], vectors[len(texts):]

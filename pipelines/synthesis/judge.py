@@ -10,16 +10,16 @@ import time
 
 import pyarrow as pa
 
-from ..actors.engines import SamplingParams
-from .corpus import READ_TASK_CPUS, CorpusSpec, read_corpus
+from ...actors.engines import SamplingParams
+from ..corpus import READ_TASK_CPUS, CorpusSpec, read_corpus
 from .generate import EnginePool
 from .outcomes import (DROP_DETAIL, DROP_REASON, acceptance_rate, finish_outcomes, kept_diversity, outcome_rows,
                        value_counts)
 from .prompts import PromptTemplate, check_renders, load_template
-from .recipe import RATINGS, JudgeConfig
+from ..recipe import RATINGS, JudgeConfig
 from .references import References, load_reference_texts, references_of
-from .report import _png, _pyplot, markdown_table, write_report
-from .rundir import QUARANTINE_PARTS, StageDir
+from ..report import _png, _pyplot, markdown_table, write_report
+from ..rundir import QUARANTINE_PARTS, StageDir
 
 TEMPLATE_VARIABLES, REQUIRED_VARIABLES = {"sample", "row"}, {"sample"}
 RATING_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["rating"],

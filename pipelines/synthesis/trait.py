@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from .prompts import PromptTemplate, check_renders, load_template
-from .recipe import SynthesizeConfig, TraitConfig
+from ..recipe import SynthesizeConfig, TraitConfig
 from .references import read_records
 
 TEMPLATE_VARIABLES = {"problems", "entity", "document", "json_format"}

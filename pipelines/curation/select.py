@@ -26,15 +26,15 @@ import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy
 
-from ..actors.fasttext_domain import FastTextDomainScorer, FastTextParams, normalise_text, train_classifier
-from ..actors.quality import HeuristicQualityScorer, HFQualityScorer
-from . import corpus
-from .corpus import READ_TASK_CPUS, CorpusSpec, drop_internal_columns, read_corpus, read_texts_locally, without_operator_reservations
-from .recipe import SelectConfig
-from .resources import cluster_cpus
-from .report import markdown_table, score_histogram_png, write_report
-from .rundir import StageDir, StageError, count_parquet_rows, read_file_bytes
-from .unique_ids import make_ids_unique
+from ...actors.fasttext_domain import FastTextDomainScorer, FastTextParams, normalise_text, train_classifier
+from ...actors.quality import HeuristicQualityScorer, HFQualityScorer
+from .. import corpus
+from ..corpus import READ_TASK_CPUS, CorpusSpec, drop_internal_columns, read_corpus, read_texts_locally, without_operator_reservations
+from ..recipe import SelectConfig
+from ..resources import cluster_cpus
+from ..report import markdown_table, score_histogram_png, write_report
+from ..rundir import StageDir, StageError, count_parquet_rows, read_file_bytes
+from ..unique_ids import make_ids_unique
 
 TEXT_HASH = "_text_hash"
 N_TOKENS = "_n_tokens"
@@ -76,7 +76,7 @@ def _texts_only(batch: pa.Table, text_field: str) -> pa.Table:
 
 def estimate_rows(cfg: SelectConfig) -> int:
     """Rows in the corpus, estimated from file sizes and the bytes per row of the first file's head."""
-    from .paths import expand_inputs
+    from ..paths import expand_inputs
 
     fs, files = expand_inputs(cfg.corpus, corpus.SUPPORTED_SUFFIXES)
     sizes = [fs.get_file_info(f.path).size or 0 for f in files]

@@ -1,6 +1,6 @@
 """Prompt templates: Jinja2 files that users can replace (``synthesize.template``, ``judge.template``).
 
-The defaults live in ``pipelines/templates/``. A template is checked before any generation: it must parse, use only
+The defaults live in ``pipelines/synthesis/templates/``. A template is checked before any generation: it must parse, use only
 the variables its stage provides and use the ones the prompt cannot do without; it is then rendered once on a real
 row, so that a mistake inside it (``{{ examples[0].tittle }}``) fails the run before the engines start. Templates
 render in Jinja's sandbox (a recipe's template cannot reach Python) with undefined names as errors.

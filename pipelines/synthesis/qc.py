@@ -47,19 +47,19 @@ import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
-from ..actors import minhash
-from ..actors.nearest_reference import NEAREST, SIMILARITY, NearestReference
-from . import corpus
-from .corpus import (READ_TASK_CPUS, SUPPORTED_SUFFIXES, CorpusSpec, drop_internal_columns, read_corpus,
+from ...actors import minhash
+from ...actors.nearest_reference import NEAREST, SIMILARITY, NearestReference
+from .. import corpus
+from ..corpus import (READ_TASK_CPUS, SUPPORTED_SUFFIXES, CorpusSpec, drop_internal_columns, read_corpus,
                      reading_cpus, without_operator_reservations)
 from .outcomes import acceptance_rate, kept_diversity, outcome_rows
-from .paths import expand_inputs
-from .recipe import DecontaminateConfig, QcConfig
+from ..paths import expand_inputs
+from ..recipe import DecontaminateConfig, QcConfig
 from .references import References, load_reference_texts, read_records, references_of
-from .report import markdown_table, write_report
-from .resources import cluster_cpus
-from .rundir import QUARANTINE_PARTS, StageDir, StageError, count_parquet_rows, gather_quarantine
-from .unique_ids import make_ids_unique
+from ..report import markdown_table, write_report
+from ..resources import cluster_cpus
+from ..rundir import QUARANTINE_PARTS, StageDir, StageError, count_parquet_rows, gather_quarantine
+from ..unique_ids import make_ids_unique
 
 REASONS = ("duplicate_of_reference", "contaminated", "similar_to_reference", "exact_duplicate", "near_duplicate")
 QC_REASON, QC_DETAIL = "qc_reason", "qc_detail"

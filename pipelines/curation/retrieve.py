@@ -23,17 +23,17 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from ..actors.vector_index import IndexPlan, VectorSearcher
-from . import corpus
-from .corpus import (LONE_SURROGATE, CorpusSpec, drop_internal_columns, has_lone_surrogate, open_lines, read_corpus,
+from ...actors.vector_index import IndexPlan, VectorSearcher
+from .. import corpus
+from ..corpus import (LONE_SURROGATE, CorpusSpec, drop_internal_columns, has_lone_surrogate, open_lines, read_corpus,
                      without_operator_reservations)
 from .index import wants_gpu
-from .paths import expand_inputs
-from .recipe import RetrieveConfig
-from .resources import largest_node_cpus
-from .report import embedding_map_png, markdown_table, similarity_histogram_png, write_report
-from .rundir import StageDir, StageError, count_parquet_rows
-from .unique_ids import make_ids_unique
+from ..paths import expand_inputs
+from ..recipe import RetrieveConfig
+from ..resources import largest_node_cpus
+from ..report import embedding_map_png, markdown_table, similarity_histogram_png, write_report
+from ..rundir import StageDir, StageError, count_parquet_rows
+from ..unique_ids import make_ids_unique
 
 
 class RetrieveError(StageError):
@@ -44,7 +44,7 @@ class RetrieveError(StageError):
 def load_few_shots(specs: list[str], text_field: str | None) -> tuple[list[str], str]:
     """The few-shot texts and the field they came from. Few-shots are a handful of hand-written examples, so a bad
     line is an error naming file, line and reason (not a quarantined row)."""
-    from .corpus import JSONL_SUFFIXES
+    from ..corpus import JSONL_SUFFIXES
 
     try:
         fs, files = expand_inputs(specs, JSONL_SUFFIXES)

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from .prompts import PromptTemplate, check_renders, load_template
-from .recipe import CraftConfig, SynthesizeConfig
+from ..recipe import CraftConfig, SynthesizeConfig
 from .references import read_records
 
 TEMPLATE_VARIABLES = {"document", "examples", "task", "num_options", "letters", "json_format"}

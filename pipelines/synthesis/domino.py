@@ -11,14 +11,14 @@ from __future__ import annotations
 import pyarrow as pa
 
 from .prompts import PromptTemplate, check_renders, load_template
-from .recipe import SynthesizeConfig
+from ..recipe import SynthesizeConfig
 
 RESPONSE_VARIABLES = {"input"}
 
 
 def prepare(cfg: SynthesizeConfig, hidden_size: int | None) -> PromptTemplate | None:
     """The soft prompt checked against the model (when its config is at hand), and the response template."""
-    from ..actors.soft_prompt import load_soft_prompt
+    from ...actors.soft_prompt import load_soft_prompt
 
     try:
         prefix = load_soft_prompt(cfg.domino.soft_prompt)

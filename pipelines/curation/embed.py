@@ -11,15 +11,15 @@ import pyarrow.dataset as pads
 import ray
 from ray.data import ActorPoolStrategy
 
-from ..actors.embedding import SentenceEmbedder
-from . import corpus
-from .corpus import READ_TASK_CPUS, SUPPORTED_SUFFIXES, CorpusSpec, read_corpus, reading_cpus
-from .paths import expand_inputs
-from .recipe import EmbedConfig
-from .resources import cluster_cpus, cluster_gpus
-from .report import markdown_table, write_report
-from .rundir import QUARANTINE_PARTS, StageDir, StageError, gather_quarantine
-from .unique_ids import make_ids_unique
+from ...actors.embedding import SentenceEmbedder
+from .. import corpus
+from ..corpus import READ_TASK_CPUS, SUPPORTED_SUFFIXES, CorpusSpec, read_corpus, reading_cpus
+from ..paths import expand_inputs
+from ..recipe import EmbedConfig
+from ..resources import cluster_cpus, cluster_gpus
+from ..report import markdown_table, write_report
+from ..rundir import QUARANTINE_PARTS, StageDir, StageError, gather_quarantine
+from ..unique_ids import make_ids_unique
 
 # Batches per actor call (and per block). sentence-transformers sorts a call's texts by length, so bigger calls pad
 # less (measured on 20k documents: 4 batches a call cost 12% against one process encoding 5,000 texts a call).
@@ -121,7 +121,7 @@ def embed_texts(texts: list[str], model: str, max_seq_length: int | None = 256) 
 def _embed_task(texts: list[str], model: str, max_seq_length: int | None) -> np.ndarray:
     import torch
 
-    from ..actors.embedding import encode, load_sentence_model
+    from ...actors.embedding import encode, load_sentence_model
 
     torch.set_num_threads(1)
     return encode(load_sentence_model(model, max_seq_length), texts, batch_size=64).astype(np.float32)

@@ -16,14 +16,14 @@ import pyarrow.compute as pc
 import ray
 
 from . import craft, domino, trait
-from .corpus import ORDER, READ_TASK_CPUS, CorpusSpec, read_corpus, without_operator_reservations
+from ..corpus import ORDER, READ_TASK_CPUS, CorpusSpec, read_corpus, without_operator_reservations
 from .generate import EnginePool
 from .outcomes import (DROP_DETAIL, DROP_REASON, acceptance_rate, finish_outcomes, kept_diversity, outcome_rows,
                        sample_column)
-from .recipe import SynthesizeConfig
+from ..recipe import SynthesizeConfig
 from .references import References, load_reference_texts, read_records, references_of
-from .report import markdown_table, token_histogram_png, write_report
-from .rundir import QUARANTINE_PARTS, StageDir, StageError
+from ..report import markdown_table, token_histogram_png, write_report
+from ..rundir import QUARANTINE_PARTS, StageDir, StageError
 
 PROMPT, SCHEMA, SEED = "_prompt", "_json_schema", "_seed"
 
@@ -295,6 +295,6 @@ def _closest_documents(cfg: SynthesizeConfig, problems: list, grouping: trait.Gr
 
 
 def _embed(texts: list[str], model: str):
-    from .embed import embed_texts
+    from ..curation.embed import embed_texts
 
     return embed_texts(texts, model)

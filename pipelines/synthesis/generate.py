@@ -12,16 +12,16 @@ import numpy as np
 import pyarrow.dataset as pads
 from ray.data import ActorPoolStrategy, Dataset
 
-from ..actors.engines import SamplingParams
-from ..actors.generation import GenerateBatch
-from . import corpus
-from .corpus import (READ_TASK_CPUS, CorpusSpec, drop_internal_columns, read_corpus, reading_cpus,
+from ...actors.engines import SamplingParams
+from ...actors.generation import GenerateBatch
+from .. import corpus
+from ..corpus import (READ_TASK_CPUS, CorpusSpec, drop_internal_columns, read_corpus, reading_cpus,
                      without_operator_reservations)
-from .recipe import EnginePoolConfig, GenerateConfig
-from .report import markdown_table, token_histogram_png, write_report
-from .resources import cluster_cpus, cluster_gpus
-from .rundir import QUARANTINE_PARTS, StageDir, StageError, gather_quarantine, write_quarantine_part
-from .unique_ids import make_ids_unique
+from ..recipe import EnginePoolConfig, GenerateConfig
+from ..report import markdown_table, token_histogram_png, write_report
+from ..resources import cluster_cpus, cluster_gpus
+from ..rundir import QUARANTINE_PARTS, StageDir, StageError, gather_quarantine, write_quarantine_part
+from ..unique_ids import make_ids_unique
 
 
 class GenerateError(StageError):

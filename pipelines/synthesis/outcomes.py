@@ -10,9 +10,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from ray.data import Dataset
 
-from .corpus import drop_internal_columns, without_operator_reservations
-from .rundir import StageDir, count_parquet_rows, gather_quarantine
-from .unique_ids import make_ids_unique
+from ..corpus import drop_internal_columns, without_operator_reservations
+from ..rundir import StageDir, count_parquet_rows, gather_quarantine
+from ..unique_ids import make_ids_unique
 
 DROP_REASON, DROP_DETAIL = "drop_reason", "drop_detail"
 
