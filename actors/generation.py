@@ -1,9 +1,11 @@
 """Batch generation: the Ray Data actor that holds an engine and turns a batch of prompt rows into completion rows.
 
 A row that cannot be generated (its prompt too long for the context, an engine error on it alone) is handed to
-``on_failure`` with its reason and left out; the rest of the batch goes on. When the actor's process dies, Ray Data
-restarts it and runs the batch again (``max_restarts``/``max_task_retries`` default to -1 for actor pools), so rows
-are retried, not lost; ``on_failure`` must therefore be idempotent.
+``on_failure`` with its reason and left out; the rest of the batch goes on. When every row of a batch fails, the
+engine is asked for one token of a one-word prompt: if that fails too, the engine itself is broken (a lost device,
+a model that cannot run) and ``EngineBroken`` fails the stage instead of quarantining every row. When the actor's
+process dies, Ray Data restarts it and runs the batch again (up to the pool's ``max_restarts``), so rows are
+retried, not lost; ``on_failure`` must therefore be idempotent.
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ from .soft_prompt import load_soft_prompt
 logger = logging.getLogger(__name__)
 # Columns the actor adds to each output row (one row per completion).
 OUTPUT_COLUMNS = ("choice", "completion", "finish_reason", "prompt_tokens", "completion_tokens")
+
+
+PROBE_PROMPT = "Hello"
+
+
+class EngineBroken(RuntimeError):
+    """The engine fails on a one-word prompt as well as on every row: the fault is the engine's, not the rows'."""
 
 
 class GenerateBatch:
@@ -52,12 +61,23 @@ class GenerateBatch:
                     except Exception as e:
                         results[i] = f"generation failed: {type(e).__name__}: {e}"
         failed = [i for i, r in enumerate(results) if isinstance(r, str)]
+        if failed and len(failed) == len(results) and not any(r.startswith("prompt too long") for r in results):
+            self._check_engine_works(results[failed[0]])
         if failed:
             rows = batch.select(list(self.failure_columns)).take(failed).to_pylist() if self.failure_columns else \
                 [{} for _ in failed]
             self.on_failure([{**row, "reason": results[i], "prompt": prompts[i][:500]}
                              for row, i in zip(rows, failed)])
         return self._completion_rows(batch, results)
+
+    def _check_engine_works(self, row_error: str) -> None:
+        """Raise EngineBroken when the engine cannot answer a one-word prompt either (after every row failed)."""
+        probe = SamplingParams(temperature=0.0, max_tokens=1)
+        try:
+            self.engine.generate([self._prompt(PROBE_PROMPT)], probe, self.prefix)
+        except Exception as e:
+            raise EngineBroken(f"the engine fails on every row and on a one-word probe prompt: {type(e).__name__}: "
+                               f"{e} (the rows' error: {row_error})") from e
 
     def _calls(self, batch: pa.Table, rows: list[int]) -> list[tuple[SamplingParams, list[int]]]:
         """The engine calls for ``rows``: one, unless rows carry their own JSON schema (``schema_column``, a JSON

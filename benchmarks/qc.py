@@ -84,7 +84,7 @@ def build_corpus(out: Path, docs: int, near: int, exact: int, shards: int, seed:
 OURS = """
 import json, sys, time, ray
 from domainsynth.pipelines.synthesis.qc import run_qc
-from domainsynth.pipelines.recipe import QcConfig
+from domainsynth.pipelines.synthesis.qc import QcConfig
 from domainsynth.pipelines.rundir import StageDir
 ray.init(num_cpus=int(sys.argv[3]), include_dashboard=False, log_to_driver=False)
 cfg = QcConfig.model_validate({"input": [sys.argv[1]], "diversity": {"sample": 0},
@@ -182,7 +182,7 @@ def main() -> None:
     dropped = pads.dataset(str(work / "qc" / "dropped")).to_table(columns=["id", "qc_reason", "qc_detail"]).to_pylist()
     ours_removed = {r["id"]: re.search(r"of id (\S+)", r["qc_detail"]).group(1) for r in dropped}
     near = report["near_dedup"]
-    phases = ", ".join(f"{k} {v:.1f}s" for k, v in report["seconds_by_phase"].items())
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in report["phases"].items())
     print(f"ours (run_qc, Ray Data on {args.num_cpus} CPUs; LSH {near['bands']} bands x {near['rows']} rows): "
           f"{ours['seconds']:.1f}s, {args.docs / ours['seconds']:,.0f} docs/s (read, hash, cluster, write); "
           f"{ours_s:.1f}s incl. Python and Ray start-up ({args.docs / ours_s:,.0f} docs/s); phases: {phases}; "

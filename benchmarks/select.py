@@ -113,7 +113,7 @@ def main() -> None:
     sel_s, sel_peak, _ = timed(cmd)
     report = json.loads((run / "select" / "report.json").read_text())
     assert report["rows_in"] == args.docs, report["rows_in"]
-    phases = ", ".join(f"{k} {v:.1f}s" for k, v in report["phase_seconds"].items())
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in report["phases"].items())
     print(f"domainsynth select (Ray Data, {os.cpu_count()} CPUs, quality={args.quality}): {sel_s:.1f}s end to end "
           f"incl. Ray start-up, {args.docs / sel_s:,.0f} docs/s; stage {report['docs_per_second']:,.0f} docs/s; "
           f"phases: {phases}; peak RSS of the process tree {sel_peak:,.0f} MiB")

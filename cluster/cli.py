@@ -7,17 +7,35 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 
-from ..actors.engines import ENGINE_KINDS
+from ..actors.engines import ENGINE_KINDS, SamplingParams
 from ..pipelines.recipe import STAGE_ORDER, Recipe, RecipeError, build_recipe, load_recipe
 from ..pipelines import paths
 from ..pipelines.curation.retrieve import check_same_corpus
 from ..pipelines.rundir import MARKER, StageDir, StageError
 from ..pipelines.runner import preflight, run_recipe
+from ..pipelines.stages import STAGES
+from ..pipelines.curation.embed import EmbedConfig
+from ..pipelines.curation.index import IndexConfig
+from ..pipelines.curation.select import QualityConfig, SelectConfig
+from ..pipelines.recipe import AutoscalingConfig, ServeConfig
+from ..pipelines.synthesis.craft import CraftConfig
+from ..pipelines.synthesis.domino import DominoConfig
+from ..pipelines.synthesis.generate import EnginePoolConfig, GenerateConfig
+from ..pipelines.synthesis.judge import JudgeConfig
+from ..pipelines.synthesis.qc import NearDedupConfig, QcConfig
 from . import ray_runtime
+from .console import Console
 from .model_cache import CACHE_ENV, cache_dir, cached_model
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def _default(model, field: str) -> str:
+    """A recipe field's default as the help texts show it: the schema is where defaults live."""
+    value = model.model_fields[field].get_default(call_default_factory=True)
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -27,6 +45,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=_positive_int, metavar="N",
                    help="CPUs for the embedded local Ray (default: what Ray detects)")
     _add_overrides(p, "select.keep_fraction=0.05")
+    _add_output_flags(p, default=argparse.SUPPRESS)
+
+
+def _add_output_flags(p: argparse.ArgumentParser, default) -> None:
+    """--verbose/--quiet, before the command (``domainsynth -q demo``) or after it (``domainsynth demo -q``)."""
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("-v", "--verbose", dest="output", action="store_const", const="verbose", default=default,
+                        help="print Ray's own logs too: execution plans, Ray Data's progress, the workers' output")
+    output.add_argument("-q", "--quiet", dest="output", action="store_const", const="quiet", default=default,
+                        help="print only the summary and errors")
 
 
 def _add_overrides(p: argparse.ArgumentParser, example: str) -> None:
@@ -36,7 +64,7 @@ def _add_overrides(p: argparse.ArgumentParser, example: str) -> None:
 
 def _add_sampling(p: argparse.ArgumentParser, max_tokens: str, temperature: str) -> None:
     """The engine and sampling flags of the commands that generate (the rest is in the recipe)."""
-    p.add_argument("--engine", choices=ENGINE_KINDS, help="engine (default transformers)")
+    p.add_argument("--engine", choices=ENGINE_KINDS, help=f"engine (default {_default(EnginePoolConfig, 'engine')})")
     p.add_argument("--max-tokens", type=_positive_int, metavar="N", help=f"tokens per completion ({max_tokens})")
     p.add_argument("--temperature", type=float, metavar="T", help=f"sampling temperature ({temperature})")
 
@@ -76,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="domainsynth",
         description="Adapt LLMs to a specialised domain when in-domain data is scarce (TRAIT, CRAFT, DOMINO) on Ray.",
     )
+    _add_output_flags(parser, default="normal")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sel = sub.add_parser(
@@ -95,15 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep the top fraction F of documents by domain score")
     keep.add_argument("--threshold", type=_probability, metavar="T",
                       help="keep documents with domain_score >= T (default 0.5 when --keep-fraction is not given)")
-    sel.add_argument("--text-field", default=None, metavar="NAME", help="field holding the text (default: text)")
+    sel.add_argument("--text-field", default=None, metavar="NAME", help=f"field holding the text (default: {_default(SelectConfig, 'text_field')})")
     sel.add_argument("--id-field", default=None, metavar="NAME",
-                     help="field holding a row id (default: id; rows without one get FILE:LINE)")
+                     help=f"field holding a row id (default: {_default(SelectConfig, 'id_field')}; rows without one get "
+                          "FILE:LINE)")
     sel.add_argument("--quality", default=None, metavar="SCORER",
                      help="educational-value scorer: heuristic (default; Gopher/C4 rules), none, or hf:MODEL "
                           "(a Hugging Face sequence-classification model id or path, e.g. "
                           "hf:HuggingFaceFW/fineweb-edu-classifier)")
     sel.add_argument("--min-quality", type=_probability, metavar="Q",
-                     help="keep documents with quality_score >= Q (default 0.8)")
+                     help=f"keep documents with quality_score >= Q (default {_default(QualityConfig, 'min_score')})")
     sel.add_argument("--classifier", metavar="PATH", help="reuse a trained fastText model instead of training one")
     sel.add_argument("--negatives", action="append", metavar="FILE",
                      help="general-text negatives for training (default: a random sample of the corpus)")
@@ -117,11 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--corpus", required=True, action="append", metavar="PATH_OR_GLOB",
                      help="documents to embed: file, directory or glob, local or URI (repeatable)")
     emb.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (local path or URI)")
-    emb.add_argument("--model", metavar="NAME", help="sentence-transformers id or path (default all-MiniLM-L6-v2)")
-    emb.add_argument("--batch-size", type=int, metavar="N", help="texts per forward pass (default 64)")
-    emb.add_argument("--max-seq-length", type=int, metavar="N", help="tokens per text (default 256)")
-    emb.add_argument("--text-field", metavar="NAME", help="field holding the text (default: text)")
-    emb.add_argument("--id-field", metavar="NAME", help="field holding a row id (default: id)")
+    emb.add_argument("--model", metavar="NAME", help=f"sentence-transformers id or path (default {_default(EmbedConfig, 'model')})")
+    emb.add_argument("--batch-size", type=int, metavar="N",
+                     help=f"texts per forward pass (default {_default(EmbedConfig, 'batch_size')})")
+    emb.add_argument("--max-seq-length", type=int, metavar="N",
+                     help=f"tokens per text (default {_default(EmbedConfig, 'max_seq_length')})")
+    emb.add_argument("--text-field", metavar="NAME",
+                     help=f"field holding the text (default: {_default(EmbedConfig, 'text_field')})")
+    emb.add_argument("--id-field", metavar="NAME",
+                     help=f"field holding a row id (default: {_default(EmbedConfig, 'id_field')})")
     _add_common(emb)
 
     ret = sub.add_parser(
@@ -139,13 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "(repeatable)")
     ret.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (local path or URI)")
     ret.add_argument("--top-k", required=True, type=_positive_int, metavar="N", help="documents to return")
-    ret.add_argument("--text-field", metavar="NAME", help="corpus field holding the text (default: text)")
-    ret.add_argument("--id-field", metavar="NAME", help="corpus field holding a row id (default: id)")
+    ret.add_argument("--text-field", metavar="NAME", help=f"corpus field holding the text (default: {_default(EmbedConfig, 'text_field')})")
+    ret.add_argument("--id-field", metavar="NAME", help=f"corpus field holding a row id (default: {_default(EmbedConfig, 'id_field')})")
     ret.add_argument("--few-shot-field", metavar="NAME",
                      help="few-shot field to embed (default: text, else Text as in CRAFT's files)")
-    ret.add_argument("--model", metavar="NAME", help="sentence-transformers id or path (default all-MiniLM-L6-v2)")
+    ret.add_argument("--model", metavar="NAME", help=f"sentence-transformers id or path (default {_default(EmbedConfig, 'model')})")
     ret.add_argument("--index-kind", choices=("auto", "flat", "ivf", "ivfpq", "hnsw"),
-                     help="faiss index (default auto: exact up to 200,000 documents, IVF above)")
+                     help=f"faiss index (default {_default(IndexConfig, 'kind')}: exact up to "
+                          f"{_default(IndexConfig, 'exact_max_rows')} documents, IVF above)")
     _add_common(ret)
 
     gen = sub.add_parser(
@@ -158,12 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompts: file, directory or glob, local or URI (repeatable)")
     gen.add_argument("--model", required=True, metavar="PATH_OR_ID", help="causal LM: Hugging Face id or folder")
     gen.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (local path or URI)")
-    gen.add_argument("--prompt-field", metavar="NAME", help="field holding the prompt (default: prompt)")
-    gen.add_argument("--id-field", metavar="NAME", help="field holding a row id (default: id)")
+    gen.add_argument("--prompt-field", metavar="NAME", help=f"field holding the prompt (default: {_default(GenerateConfig, 'prompt_field')})")
+    gen.add_argument("--id-field", metavar="NAME", help=f"field holding a row id (default: {_default(GenerateConfig, 'id_field')})")
     gen.add_argument("--chat", action="store_true", help="send prompts through the model's chat template")
     gen.add_argument("--soft-prompt", metavar="PATH", help="soft prompt placed before every prompt")
-    _add_sampling(gen, "default 64", "0 = greedy; default 1")
-    gen.add_argument("--n", type=_positive_int, metavar="N", help="completions per prompt (default 1)")
+    _add_sampling(gen, f"default {_default(SamplingParams, 'max_tokens')}",
+                  f"0 = greedy; default {_default(SamplingParams, 'temperature')}")
+    gen.add_argument("--n", type=_positive_int, metavar="N", help=f"completions per prompt (default {_default(SamplingParams, 'n')})")
     gen.add_argument("--seed", type=int, metavar="S", help="sampling seed")
     _add_common(gen)
 
@@ -182,12 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="craft: documents to rewrite (default RUN_DIR/retrieve/data)")
     syn.add_argument("--few-shots", action="append", metavar="FILE", help="craft: the task's examples (JSONL)")
     syn.add_argument("--task", choices=("multiple_choice", "qa", "summarization"),
-                     help="craft: task type (default multiple_choice)")
+                     help=f"craft: task type (default {_default(CraftConfig, 'task')})")
     syn.add_argument("--examples", action="append", metavar="FILE", help="trait: downstream-task problems (JSONL)")
     syn.add_argument("--entity-field", metavar="NAME", help="trait: group problems sharing this field's value "
                                                             "(default: group by embedding neighbours)")
     syn.add_argument("--soft-prompt", metavar="PATH", help="domino: the domain soft prompt ([m, hidden])")
-    syn.add_argument("--num-samples", type=_positive_int, metavar="N", help="domino: inputs to sample (default 1000)")
+    syn.add_argument("--num-samples", type=_positive_int, metavar="N", help=f"domino: inputs to sample (default {_default(DominoConfig, 'num_samples')})")
     syn.add_argument("--respond", action="store_true", help="domino: let the LLM write each kept input's output")
     syn.add_argument("--template", metavar="FILE", help="Jinja2 prompt template replacing the method's default")
     _add_sampling(syn, "method default", "method default")
@@ -205,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     qc.add_argument("--references", action="append", metavar="FILE", help="reference samples, e.g. the few-shots")
     qc.add_argument("--eval", action="append", metavar="FILE", help="evaluation set to decontaminate against")
     qc.add_argument("--threshold", type=_probability, metavar="J",
-                    help="Jaccard similarity of near-duplicates (default 0.85)")
-    qc.add_argument("--text-field", metavar="NAME", help="field holding the sample's text (default: text)")
+                    help=f"Jaccard similarity of near-duplicates (default {_default(NearDedupConfig, 'threshold')})")
+    qc.add_argument("--text-field", metavar="NAME", help=f"field holding the sample's text (default: {_default(QcConfig, 'text_field')})")
     _add_common(qc)
 
     jud = sub.add_parser(
@@ -218,10 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     jud.add_argument("--model", required=True, metavar="PATH_OR_ID", help="causal LM: Hugging Face id or folder")
     jud.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (local path or URI)")
     jud.add_argument("--threshold", choices=("very poor", "poor", "average", "good", "excellent"),
-                     help="lowest rating kept (default excellent)")
-    jud.add_argument("--text-field", metavar="NAME", help="field the judge reads (default: text)")
+                     help=f"lowest rating kept (default {_default(JudgeConfig, 'threshold')})")
+    jud.add_argument("--text-field", metavar="NAME", help=f"field the judge reads (default: {_default(JudgeConfig, 'text_field')})")
     jud.add_argument("--template", metavar="FILE", help="Jinja2 judge template replacing the default")
-    jud.add_argument("--engine", choices=ENGINE_KINDS, help="engine (default transformers)")
+    jud.add_argument("--engine", choices=ENGINE_KINDS, help=f"engine (default {_default(EnginePoolConfig, 'engine')})")
     _add_common(jud)
 
     srv = sub.add_parser(
@@ -233,11 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "the URL; Ctrl-C stops it.")
     srv.add_argument("recipe", nargs="?", metavar="RECIPE.yaml", help="a recipe with a serve section")
     srv.add_argument("--model", metavar="PATH_OR_ID", help="causal LM: Hugging Face id or folder")
-    srv.add_argument("--port", type=int, metavar="PORT", help="HTTP port (default 8000)")
-    srv.add_argument("--host", metavar="ADDR", help="listen address (default 127.0.0.1; 0.0.0.0 for all)")
-    srv.add_argument("--min-replicas", type=int, metavar="N", help="fewest replicas (default 1)")
-    srv.add_argument("--max-replicas", type=int, metavar="M", help="most replicas (default 4)")
-    srv.add_argument("--engine", choices=ENGINE_KINDS, help="engine (default transformers)")
+    srv.add_argument("--port", type=int, metavar="PORT", help=f"HTTP port (default {_default(ServeConfig, 'port')})")
+    srv.add_argument("--host", metavar="ADDR", help=f"listen address (default {_default(ServeConfig, 'host')}; 0.0.0.0 for all)")
+    srv.add_argument("--min-replicas", type=int, metavar="N", help=f"fewest replicas (default {_default(AutoscalingConfig, 'min_replicas')})")
+    srv.add_argument("--max-replicas", type=int, metavar="M", help=f"most replicas (default {_default(AutoscalingConfig, 'max_replicas')})")
+    srv.add_argument("--engine", choices=ENGINE_KINDS, help=f"engine (default {_default(EnginePoolConfig, 'engine')})")
     srv.add_argument("--served-model-name", metavar="NAME", help="model name clients ask for (default: folder name)")
     srv.add_argument("--soft-prompt", action="append", default=[], metavar="NAME=PATH",
                      help="serve a soft prompt as model NAME (repeatable)")
@@ -464,14 +500,14 @@ def recipe_from_serve_args(args: argparse.Namespace) -> Recipe:
     return build_recipe(raw, source, base_dir, [] if args.recipe else args.overrides)
 
 
-def demo_model() -> str:
+def demo_model(say: Callable[[str], None] = print) -> str:
     """The demo's generator: a tiny Llama with a 4,096-token context, made in the model cache the first time
     (nothing is downloaded)."""
     from ..actors.tiny_models import make_tiny_llama
 
     def make(out: str) -> None:
-        print(f"Making a tiny Llama for the demo in {cache_dir()}/models (random weights; once; "
-              f"${CACHE_ENV} sets the folder) ...")
+        say(f"Making a tiny Llama for the demo in {cache_dir()}/models (random weights; once; "
+            f"${CACHE_ENV} sets the folder) ...")
         make_tiny_llama(out, max_positions=4096)
 
     return cached_model("tiny-llama-4k", make)[0]
@@ -486,59 +522,21 @@ def _with_ray_flags(recipe: Recipe, args: argparse.Namespace) -> Recipe:
 
 
 def summarise(reports: dict[str, dict], run_dir: str) -> str:
-    lines = [f"Results are in {run_dir}"]
-    sel = reports.get("select")
-    if sel:
-        f = sel["rows_filtered"]
-        lines.append(
-            f"  select: kept {sel['rows_out']:,} of {sel['rows_in']:,} documents "
-            f"({sel['tokens_kept']:,} tokens); filtered {f['low_domain_score']:,} low domain score, "
-            f"{f['low_quality']:,} low quality, {f['duplicate']:,} duplicates; quarantined "
-            f"{sel['rows_quarantined']:,}; {sel['docs_per_second']:,.0f} docs/s")
-        lines.append(f"    data:   {sel['outputs']['data']}")
-        lines.append(f"    report: {run_dir.rstrip('/')}/select/report.md")
-    emb = reports.get("embed")
-    if emb:
-        lines.append(f"  embed: {emb['rows_out']:,} of {emb['rows_in']:,} documents embedded ({emb['model']}, "
-                     f"{emb['dimensions']} dimensions); quarantined {emb['rows_quarantined']:,}; "
-                     f"{emb['docs_per_second']:,.0f} docs/s")
-        lines.append(f"    data:   {emb['outputs']['data']}")
-    idx = reports.get("index")
-    if idx:
-        lines.append(f"  index: {idx['rows_out']:,} vectors, {idx['kind']} ({idx['factory']}), built in "
-                     f"{idx['seconds']:.1f}s")
-    ret = reports.get("retrieve")
-    if ret:
-        s = ret["score"] or {}
-        lines.append(f"  retrieve: {ret['rows_out']:,} documents for {ret['few_shots']} few-shots "
-                     f"({ret['retrieved_by']['few_shot']:,} by their own hits, {ret['retrieved_by']['mean']:,} by "
-                     f"mean similarity); {ret['rows_filtered']['near_duplicate']:,} near-duplicates dropped; "
-                     f"score median {s.get('median')}")
-        lines.append(f"    data:   {ret['outputs']['data']}")
-        lines.append(f"    report: {run_dir.rstrip('/')}/retrieve/report.md")
-    gen = reports.get("generate")
-    if gen:
-        lines.append(f"  generate: {gen['completions']:,} completions for {gen['rows_out']:,} of {gen['rows_in']:,} "
-                     f"prompts ({gen['completion_tokens']:,} tokens, {gen['tokens_per_second']:,.0f} tokens/s); "
-                     f"quarantined {gen['rows_quarantined']:,}")
-        lines.append(f"    data:   {gen['outputs']['data']}")
-        lines.append(f"    report: {run_dir.rstrip('/')}/generate/report.md")
-    for name in ("synthesize", "qc", "judge"):
-        rep = reports.get(name)
-        if rep:
-            dropped = ", ".join(f"{n:,} {reason.replace('_', ' ')}" for reason, n in rep["rows_filtered"].items() if n)
-            what = f" ({rep['method']})" if name == "synthesize" else ""
-            lines.append(f"  {name}{what}: kept {rep['rows_out']:,} of {rep['rows_in']:,} "
-                         f"({rep['acceptance_rate']:.0%}); dropped {dropped or 'none'}; quarantined "
-                         f"{rep['rows_quarantined']:,}")
-            lines.append(f"    data:   {rep['outputs']['data']}")
-            lines.append(f"    report: {run_dir.rstrip('/')}/{name}/report.md")
+    """One line per stage that ran, from the stage's own summary of its (typed) report."""
+    lines = [f"Results are in {run_dir} (each stage's folder: data/, report.md with plots, quarantine.jsonl)"]
+    for stage in STAGES:
+        if stage.name in reports:
+            lines.append("  " + stage.summary(stage.report.model_validate(reports[stage.name])))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    with Console(args.output).session() as console:  # what Ray and the libraries print, for this command
+        return _command(args, console)
+
+
+def _command(args: argparse.Namespace, console: Console) -> int:
     if args.command == "models":
         from ..actors.tiny_models import make_tiny_llama
 
@@ -568,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise RecipeError(f"{args.recipe}: no stage to run ({', '.join(STAGE_ORDER)}); a serve section is "
                                   f"started with 'domainsynth serve {args.recipe}'")
         else:
-            model = demo_model()
+            model = demo_model(console.say)
             recipe = load_recipe(os.path.join(EXAMPLES_DIR, "quickstart.yaml"),
                                  [f"run_dir={args.out}", f"synthesize.model={model}", f"judge.model={model}",
                                   *args.overrides])
@@ -591,20 +589,26 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.perf_counter()
     try:
-        started_ray = ray_runtime.connect(recipe.ray)
+        started_ray = ray_runtime.connect(recipe.ray, console)
     except (ValueError, ConnectionError) as e:
         print(f"domainsynth: error: {e}", file=sys.stderr)
         return 2
     try:
-        reports = run_recipe(recipe)
+        with console.progress():
+            reports = run_recipe(recipe, echo=console.echo)
     except StageError as e:  # found only once the stage ran (an empty corpus, a corpus changed under the index)
         print(f"domainsynth: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a task or actor that failed, a bug: the error and where the logs are
+        console.failed(e, ray_runtime.log_dir())
+        if console.mode == "verbose":
+            raise
         return 1
     finally:
         if started_ray:
             ray_runtime.shutdown()
-    print(summarise(reports, recipe.run_dir))
-    print(f"Done in {time.perf_counter() - started:.1f}s.")
+    console.result(summarise(reports, recipe.run_dir))
+    console.result(f"Done in {time.perf_counter() - started:.1f}s.")
     return 0
 
 

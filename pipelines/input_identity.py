@@ -45,26 +45,21 @@ def stage_inputs_digest(recipe: "Recipe", stage: str) -> str:
 
 def stage_inputs(recipe: "Recipe", stage: str) -> list[dict]:
     """``[{"field", "spec", "files": [[path, size, "sha256:..." | "mtime_ns:..."], ...]}]`` for each input path the
-    recipe sets for ``stage`` (its input fields, then its local model folders)."""
-    from .recipe import _INPUT_PATH_FIELDS, _MODEL_FIELDS, _section
+    recipe sets for ``stage``, and each local model folder it names, in the schema's order."""
+    from .recipe import Recipe
+    from .schema import section_paths
 
-    raw = recipe.model_dump(mode="json")
     outputs = _RunFolders(recipe)
     budget = {"files": HASH_BUDGET_FILES, "bytes": HASH_BUDGET_BYTES, "seen": {}}
     found = []
-    for section, names in _INPUT_PATH_FIELDS.items():
-        values = _section(raw, section) if section.split(".")[0] == stage else None
-        for name in names if isinstance(values, dict) else ():
-            value = values.get(name)
-            for spec in [value] if isinstance(value, str) else value or ():
-                if isinstance(spec, str) and not outputs.is_stage_output(spec):
-                    found.append({"field": f"{section}.{name}", "spec": spec,
-                                  "files": _spec_files(spec, outputs, budget)})
-    for section, name in _MODEL_FIELDS.items():
-        values = _section(raw, section) if section.split(".")[0] == stage else None
-        model = values.get(name) if isinstance(values, dict) else None
-        if isinstance(model, str) and not paths.is_uri(model) and os.path.isdir(os.path.expanduser(model)):
-            found.append({"field": f"{section}.{name}", "spec": model, "files": _model_files(model)})
+    for place, role, value in section_paths(recipe.model_dump(mode="json"), Recipe, stage):
+        specs = [value] if isinstance(value, str) else value
+        specs = [s[len(role.prefix):] for s in specs if isinstance(s, str) and s.startswith(role.prefix)]
+        for spec in specs:
+            if role.kind == "input" and not outputs.is_stage_output(spec):
+                found.append({"field": place, "spec": spec, "files": _spec_files(spec, outputs, budget)})
+            elif role.kind == "model" and not paths.is_uri(spec) and os.path.isdir(os.path.expanduser(spec)):
+                found.append({"field": place, "spec": spec, "files": _model_files(spec)})
     return found
 
 

@@ -25,11 +25,23 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
 
 
 def join(base: str, *parts: str) -> str:
+    """``base/part/...``; a URI's query (``s3://bucket/run?endpoint_override=host:9000``) stays at the end."""
     if is_uri(base):
-        return base.rstrip("/") + "/" + "/".join(p.strip("/") for p in parts)
+        base, mark, query = base.partition("?")
+        return base.rstrip("/") + "/" + "/".join(p.strip("/") for p in parts) + mark + query
     import os
 
     return os.path.join(base, *parts)
+
+
+def parent(path: str) -> str:
+    """The folder holding ``path`` (a URI keeps its query)."""
+    if is_uri(path):
+        base, mark, query = path.partition("?")
+        return base.rstrip("/").rsplit("/", 1)[0] + mark + query
+    import os
+
+    return os.path.dirname(os.path.abspath(path.rstrip("/")))
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,7 @@ import io
 import numpy as np
 
 from .rundir import StageDir
-
-
-def check_accounting(report: dict) -> None:
-    """rows_in = rows_out + sum(rows_filtered) + rows_quarantined, or the stage lost or invented rows."""
-    total = report["rows_out"] + sum(report["rows_filtered"].values()) + report["rows_quarantined"]
-    if total != report["rows_in"]:
-        raise RuntimeError(f"row accounting broken: rows_in={report['rows_in']} but out+filtered+quarantined={total}")
+from .stage import StageReport
 
 
 def score_histogram_png(scores: np.ndarray, kept: np.ndarray, threshold: float | None, title: str) -> bytes:
@@ -106,6 +100,8 @@ def markdown_table(rows: list[tuple[str, object]]) -> str:
 
 
 def write_report(stage: StageDir, report: dict, markdown: str) -> None:
-    check_accounting(report)
+    """report.json and report.md; the report must keep the accounting contract (StageReport), or the stage lost or
+    invented rows."""
+    StageReport.model_validate(report)
     stage.write_json("report.json", report)
     stage.write_text("report.md", markdown)

@@ -4,7 +4,6 @@ completion marker written last. Works for local paths and pyarrow filesystem URI
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
@@ -32,9 +31,7 @@ class StageDir:
 
     def sibling(self, *parts: str) -> str:
         """A path in another stage's folder of the same run (``<run>/<parts...>``)."""
-        parent = self.uri.rstrip("/").rsplit("/", 1)[0] if paths.is_uri(self.uri) else os.path.dirname(
-            os.path.abspath(self.uri.rstrip("/")))
-        return paths.join(parent, *parts)
+        return paths.join(paths.parent(self.uri), *parts)
 
     def write_bytes(self, name: str, data: bytes) -> None:
         fs, root = self.fs_path

@@ -8,7 +8,6 @@ import os
 
 from .recipe import ServeConfig
 
-
 # What a Serve config file (a RayService's serveConfigV2) names to build the endpoint: see app_builder below.
 APP_BUILDER = "domainsynth.pipelines.serve:app_builder"
 

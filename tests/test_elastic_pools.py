@@ -13,7 +13,7 @@ from ray.experimental import internal_kv
 
 from domainsynth.pipelines import resources
 from domainsynth.pipelines.synthesis.generate import GenerateError, engine_pool
-from domainsynth.pipelines.recipe import GenerateConfig
+from domainsynth.pipelines.synthesis.generate import GenerateConfig
 
 
 def published(*groups: tuple[str, dict, int]) -> bytes:

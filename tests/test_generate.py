@@ -4,12 +4,13 @@ it, and an engine actor killed mid-run whose rows are retried, not lost or doubl
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import threading
 import time
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -18,7 +19,8 @@ from domainsynth.actors.engines import SamplingParams, TransformersEngine
 from domainsynth.actors.soft_prompt import load_soft_prompt
 from domainsynth.cluster.cli import main
 from domainsynth.pipelines.recipe import build_recipe
-from domainsynth.pipelines.runner import run_recipe
+from domainsynth.pipelines.runner import StageFailed, run_recipe
+from domainsynth.pipelines.synthesis.generate import ENGINE_RESTARTS
 
 from conftest import write_jsonl
 
@@ -68,9 +70,16 @@ def test_bad_rows_are_quarantined_and_the_rest_answered_with_the_soft_prompt(ray
     assert (tmp_path / "run/generate/completion_tokens.png").stat().st_size > 1000
 
 
+def engine_actors() -> dict[str, dict]:
+    """This cluster's GenerateBatch actors (alive or dead) from Ray's actor table, by actor id."""
+    return {actor_id: actor for actor_id, actor in ray._private.state.actors().items()
+            if "GenerateBatch" in actor["ActorClassName"]}
+
+
 def test_rows_of_a_killed_engine_actor_are_retried_not_lost(ray_local, tiny_llama, tmp_path):
     """SIGKILL one engine actor's process mid-run (as an OOM kill or a lost node would): Ray Data restarts it and
-    runs its batches again; every prompt still has exactly n completions."""
+    runs its batches again; every prompt still has exactly n completions. The actor is found in this cluster's own
+    actor table (Ray's GCS state), never by matching processes across the host."""
     path = prompts_file(tmp_path / "prompts.jsonl", 96)
     result: dict = {}
 
@@ -85,28 +94,70 @@ def test_rows_of_a_killed_engine_actor_are_retried_not_lost(ray_local, tiny_llam
     stage = threading.Thread(target=run)
     stage.start()
     killed, deadline = None, time.monotonic() + 120
-    # Only this session's own Ray: its workers are children of its raylet (never processes matched across the host).
-    raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
     while killed is None and stage.is_alive() and time.monotonic() < deadline:
-        for proc in raylet.children(recursive=True):
-            try:
-                title, age = " ".join(proc.cmdline()), time.time() - proc.create_time()
-            except psutil.Error:
-                continue
-            # Kill once the actor has been working a while (model loaded, batches done and in flight).
-            if "GenerateBatch" in title and age > 6:
-                proc.send_signal(signal.SIGKILL)
-                killed = proc.pid
+        for actor_id, actor in engine_actors().items():
+            # Kill once the actor has been working a while: ALIVE means its model is loaded (StartTime is when its
+            # constructor returned, in ms); half a second later batches are in flight.
+            if actor["State"] == "ALIVE" and actor["Pid"] and time.time() - actor["StartTime"] / 1000 > 0.5:
+                os.kill(actor["Pid"], signal.SIGKILL)
+                killed = actor_id
                 break
         time.sleep(0.2)
     stage.join(timeout=600)
     assert killed is not None, "the stage ended before an engine actor could be killed: make it longer"
     assert "error" not in result, result.get("error")
+    assert engine_actors()[killed]["NumRestarts"] >= 1, "Ray did not restart the killed engine actor"
     report = result["report"]
     rows = pq.read_table(tmp_path / "run/generate/data", columns=["id", "choice"]).to_pylist()
     pairs = sorted((r["id"], r["choice"]) for r in rows)
     assert pairs == sorted((f"q{i}", c) for i in range(96) for c in (0, 1))  # none lost, none doubled
     assert (report["rows_out"], report["rows_quarantined"], report["completions"]) == (96, 0, 192)
+
+
+def test_an_engine_actor_that_keeps_dying_fails_the_stage_once_restarts_run_out(ray_local, tiny_llama, tmp_path):
+    """Every engine actor killed as soon as it is up (as a process that runs out of memory each time would be): Ray
+    restarts it ENGINE_RESTARTS times, then the stage fails, naming itself and the actor's death, instead of
+    restarting forever."""
+    path = prompts_file(tmp_path / "prompts.jsonl", 200)
+    result: dict = {}
+
+    def run():
+        try:
+            result["report"] = generate(tmp_path / "run", prompts=path, model=tiny_llama, batch_size=4,
+                                        concurrency=1, sampling={"max_tokens": 48})
+        except BaseException as e:
+            result["error"] = e
+
+    stage = threading.Thread(target=run)
+    stage.start()
+    killed: set[int] = set()
+    deadline = time.monotonic() + 240
+    while stage.is_alive() and time.monotonic() < deadline:
+        for actor in engine_actors().values():
+            if actor["State"] == "ALIVE" and actor["Pid"] and actor["Pid"] not in killed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(actor["Pid"], signal.SIGKILL)
+                killed.add(actor["Pid"])
+        time.sleep(0.2)
+    stage.join(timeout=60)
+    assert not stage.is_alive(), "the stage went on restarting a dying engine"
+    assert isinstance(result.get("error"), StageFailed), result
+    assert str(result["error"]).startswith("stage generate failed: a worker actor died and Ray's restarts ran out")
+    assert len(killed) == ENGINE_RESTARTS + 1
+    assert not (tmp_path / "run" / "generate").exists()
+
+
+def test_a_broken_engine_fails_the_stage_instead_of_quarantining_every_row(ray_local, tiny_llama, tmp_path):
+    """An engine that cannot run at all (here: weights on PyTorch's meta device, which hold no data) fails every
+    row for a reason that is not the rows': the stage fails, naming itself and the cause, and leaves no output."""
+    path = prompts_file(tmp_path / "prompts.jsonl", 8)
+    with pytest.raises(StageFailed) as failure:
+        generate(tmp_path / "run", prompts=path, model=tiny_llama, batch_size=4, concurrency=1,
+                 engine_options={"device": "meta"}, sampling={"max_tokens": 4})
+    message = str(failure.value)
+    assert message.startswith("stage generate failed: EngineBroken: ") and "meta tensors" in message
+    assert len(message) < 700  # the cause, not Ray's nested tracebacks
+    assert not (tmp_path / "run" / "generate").exists()
 
 
 def test_generate_command_line(ray_local, tiny_llama, tmp_path, capsys):

@@ -23,7 +23,8 @@ from domainsynth.pipelines import corpus
 from domainsynth.pipelines.synthesis.qc import (EVAL_ITEM, EVAL_WORDS, REASONS, SHORT_ITEM_MIN_WORDS, HashRows, QcError,
                                       QcInputs, _shared_tables, candidate_pairs, check_qc, load_eval_grams,
                                       near_duplicate_clusters, run_qc)
-from domainsynth.pipelines.recipe import DecontaminateConfig, DiversityConfig, QcConfig
+from domainsynth.pipelines.synthesis.diversity import DiversityConfig
+from domainsynth.pipelines.synthesis.qc import DecontaminateConfig, QcConfig
 from domainsynth.pipelines.synthesis.references import References
 from domainsynth.pipelines.rundir import StageDir
 

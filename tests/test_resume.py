@@ -107,7 +107,7 @@ def test_finished_stage_is_skipped_unless_the_recipe_changes(ray_local, classifi
 
     raw["select"] = {**raw["select"], "keep_fraction": 0.1}
     changed = run_recipe(build_recipe(raw, "t", "/"), echo=messages.append)["select"]
-    assert "running" in messages[-1]
+    assert "[select] started" in messages[-2] and "[select] finished" in messages[-1]
     assert changed["rows_out"] < first["rows_out"]
     assert len(_ids(tmp_path / "run")) == changed["rows_out"]
 
@@ -118,8 +118,8 @@ def _stage_lines(output: str) -> dict[str, str]:
     for line in output.splitlines():
         if line.startswith("[") and "] " in line and line.split("] ", 1)[0][1:] in ("select", "embed"):
             name, rest = line[1:].split("] ", 1)
-            if rest.startswith("running") or rest.endswith(": skipped"):
-                said[name] = "running" if rest.startswith("running") else "skipped"
+            if rest.startswith("started") or rest.endswith(": skipped"):
+                said[name] = "running" if rest.startswith("started") else "skipped"
     return said
 
 

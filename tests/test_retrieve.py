@@ -202,7 +202,7 @@ def test_retrieve_on_select_output_and_reruns(ray_local, hidden_corpus, classifi
     said.clear()
     raw["embed"] = {**EMBED, "batch_size": 16}
     run_recipe(build_recipe(raw, "test", "/"), echo=said.append)
-    assert [s.split("]")[0] + "]" for s in said if "running" in s] == ["[embed]", "[index]", "[retrieve]"]
+    assert [s.split("]")[0] + "]" for s in said if "] started" in s] == ["[embed]", "[index]", "[retrieve]"]
 
     # The CLI on a run that has an index: only retrieve runs, and another corpus is refused.
     code = main(["retrieve", "--few-shots", str(FEW_SHOTS), "--corpus", str(run / "select" / "data"),

@@ -140,7 +140,7 @@ def test_submit_quickstart_follows_the_job_to_success(open_head, tiny_llama_4k, 
     job_id = result.stdout.split("Submitted job ")[1].split()[0]
     assert f"Job {job_id} succeeded." in result.stdout
     # --follow streamed the job's own output: the stage lines and the run's summary.
-    assert "[select] running" in result.stdout and f"Results are in {run_dir}" in result.stdout
+    assert "[select] started" in result.stdout and f"Results are in {run_dir}" in result.stdout
     for stage in ("select", "embed", "index", "retrieve", "synthesize", "qc", "judge"):
         assert (run_dir / stage / "_COMPLETE.json").exists(), stage
     report = json.loads((run_dir / "judge" / "report.json").read_text())
@@ -153,7 +153,7 @@ def test_submit_quickstart_follows_the_job_to_success(open_head, tiny_llama_4k, 
     listed = domainsynth("jobs", "list", "--address", open_head.address)
     assert job_id in listed.stdout and "domainsynth run recipe.yaml" in listed.stdout
     logs = domainsynth("jobs", "logs", job_id, "--address", open_head.address)
-    assert "[judge] running" in logs.stdout
+    assert "[judge] started" in logs.stdout
 
 
 def test_the_job_reads_the_uploaded_copy_of_its_inputs(open_head, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 
 from domainsynth.cluster.cli import main
 from domainsynth.pipelines.synthesis import trait
-from domainsynth.pipelines.recipe import RATINGS, build_recipe
+from domainsynth.pipelines.recipe import build_recipe
 from domainsynth.pipelines.runner import run_recipe
 
 from conftest import DATA, read_jsonl_gz, write_jsonl
@@ -23,6 +23,7 @@ from conftest import DATA, read_jsonl_gz, write_jsonl
 BIOQA = str(DATA / "craft_bioqa_fewshot.jsonl")
 CSQA = str(DATA / "craft_csqa_fewshot.jsonl")
 MATH = str(DATA / "math_problems.jsonl")
+RATINGS = ("very poor", "poor", "average", "good", "excellent")  # DOMINO's five levels, worst first (the contract)
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +95,7 @@ def test_craft_answers_cut_short_are_dropped_as_unparseable(ray_local, tmp_path,
 
 def test_craft_validation_as_in_the_paper():
     from domainsynth.pipelines.synthesis import craft
-    from domainsynth.pipelines.recipe import CraftConfig
+    from domainsynth.pipelines.synthesis.craft import CraftConfig
 
     mcq = CraftConfig(few_shots=[BIOQA])
     good = {"question": "Which organelle makes ATP?", "options": ["Nucleus", "Mitochondrion", "Ribosome", "Golgi"],
@@ -138,7 +139,7 @@ def test_trait_passages_group_problems_of_different_tasks(ray_local, tmp_path, t
 
 
 def test_trait_entity_grouping_keeps_an_entity_together():
-    from domainsynth.pipelines.recipe import TraitConfig
+    from domainsynth.pipelines.synthesis.trait import TraitConfig
 
     cfg = TraitConfig(examples=[MATH], grouping="entity", entity_field="company", group_size=3)
     problems = [trait.Problem(id=str(i), problem=f"p{i}", answer=None, task="t1" if i % 2 else "t2",
@@ -181,12 +182,33 @@ def test_judge_rates_every_row_and_keeps_those_at_the_threshold(ray_local, tmp_p
                      threshold]) == 0
         report = json.loads((out / "judge/report.json").read_text())
         assert accounted(report) and report["rows_in"] == 11 and report["rows_quarantined"] == 1
-        judged[threshold] = {r["id"]: r for r in rows(out / "judge/data") + rows(out / "judge/dropped")}
+        kept, dropped = rows(out / "judge/data"), rows(out / "judge/dropped")
+        judged[threshold] = {r["id"]: r for r in kept + dropped}
         assert len(judged[threshold]) == 10 and all(r["judge_rating"] in RATINGS + (None,)
                                                     for r in judged[threshold].values())
-        for r in rows(out / "judge/data"):
-            assert RATINGS.index(r["judge_rating"]) >= RATINGS.index(threshold)
+        # The judge must actually rate: a judge whose every answer is unreadable (all rows "unrated") fails here.
+        rated = [r for r in judged[threshold].values() if r["judge_rating"] in RATINGS]
+        assert rated, f"the judge rated none of the 10 samples: {report['ratings']}"
+        # Structured output holds the answer to the enum: most answers parse (all 10 do, measured).
+        assert len(rated) > 5, report["ratings"]
+        assert report["rows_filtered"]["unrated"] == 10 - len(rated) < 10
+        distribution = {k: n for k, n in report["ratings"].items() if k in RATINGS}
+        assert sum(distribution.values()) == len(rated) > 0
+        assert distribution == {k: sum(r["judge_rating"] == k for r in rated) for k in RATINGS}
+        assert report["ratings"].get("unrated", 0) == 10 - len(rated)
+        for r in rated:
             assert r["judge_score"] == RATINGS.index(r["judge_rating"]) + 1
+        for r in dropped:
+            expected = "unrated" if r["judge_rating"] is None else "below_threshold"
+            assert r["drop_reason"] == expected and r["drop_detail"]
+        for r in kept:
+            assert RATINGS.index(r["judge_rating"]) >= RATINGS.index(threshold)
+        # Rated rows at or above the threshold are exactly what is kept.
+        assert report["rows_out"] == len(kept) == sum(RATINGS.index(r["judge_rating"]) >= RATINGS.index(threshold)
+                                                      for r in rated)
+    # "very poor" is the lowest level: every rated sample is kept.
+    assert len(rows(tmp_path / "very-poor/judge/data")) == \
+        sum(r["judge_rating"] in RATINGS for r in judged["very poor"].values()) > 0
     # Temperature 0: the same samples get the same ratings, whatever the threshold.
     assert {k: r["judge_rating"] for k, r in judged["very poor"].items()} == \
         {k: r["judge_rating"] for k, r in judged["excellent"].items()}

@@ -4,22 +4,40 @@ index step reads shard by shard."""
 
 from __future__ import annotations
 
-import time
+from typing import Optional
 
 import numpy as np
 import pyarrow.dataset as pads
 import ray
+from pydantic import Field
 from ray.data import ActorPoolStrategy
 
 from ...actors.embedding import SentenceEmbedder
 from .. import corpus
 from ..corpus import READ_TASK_CPUS, SUPPORTED_SUFFIXES, CorpusSpec, read_corpus, reading_cpus
 from ..paths import expand_inputs
-from ..recipe import EmbedConfig
-from ..resources import cluster_cpus, cluster_gpus
 from ..report import markdown_table, write_report
+from ..resources import cluster_cpus, cluster_gpus
 from ..rundir import QUARANTINE_PARTS, StageDir, StageError, gather_quarantine
+from ..schema import InputPaths, ModelRef, Strict
+from ..stage import Stage, StageClock, StageReport, check_inputs
 from ..unique_ids import make_ids_unique
+
+
+class EmbedConfig(Strict):
+    corpus: Optional[InputPaths] = Field(None, description="Documents to embed: files, directories or globs, local "
+                                                         "or URIs; null = this run's select output.")
+    text_field: str = Field("text", description="Field holding the text.")
+    id_field: str = Field("id", description="Field holding a row id (rows without one get FILE:LINE; a repeated "
+                                            "id becomes ID#k).")
+    model: ModelRef = Field("all-MiniLM-L6-v2", description="sentence-transformers id or path (default bundled).")
+    batch_size: int = Field(64, gt=0, description="Texts per forward pass.")
+    max_seq_length: Optional[int] = Field(256, gt=0, description="Tokens per text; null = the model's own.")
+    num_cpus: Optional[float] = Field(None, gt=0, description="CPUs per embedding actor (torch threads); null = "
+                                                              "the cluster's CPUs shared out over the actors.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per embedding actor (GPU clusters).")
+    concurrency: Optional[int] = Field(None, gt=0, description="Embedding actors; null = one per CPU (per GPU "
+                                                               "when num_gpus is set).")
 
 # Batches per actor call (and per block). sentence-transformers sorts a call's texts by length, so bigger calls pad
 # less (measured on 20k documents: 4 batches a call cost 12% against one process encoding 5,000 texts a call).
@@ -55,7 +73,7 @@ def corpus_paths(cfg: EmbedConfig, stage: StageDir) -> list[str]:
 
 
 def run_embed(cfg: EmbedConfig, stage: StageDir) -> dict:
-    started = time.perf_counter()
+    clock = StageClock()
     cpus = cluster_cpus()
     actors, cpus_per_actor = embedder_pool(cfg, cpus)
     _, cut_blocks = reading_cpus(cpus)
@@ -76,7 +94,7 @@ def run_embed(cfg: EmbedConfig, stage: StageDir) -> dict:
                      num_cpus=cpus_per_actor, num_gpus=cfg.num_gpus or None,
                      batch_size=rows_per_call, batch_format="pyarrow")
         .write_parquet(data_uri))
-    seconds_embedding = time.perf_counter() - started
+    seconds_embedding = clock.seconds()
     ids_renamed = make_ids_unique([data_uri], cfg.id_field)
 
     quarantine = gather_quarantine(stage, "corpus")
@@ -96,7 +114,7 @@ def run_embed(cfg: EmbedConfig, stage: StageDir) -> dict:
                    "id_field": cfg.id_field},
         "actors": actors, "cpus_per_actor": round(cpus_per_actor, 3),
         "docs_per_second": round(rows_in / max(seconds_embedding, 1e-9), 1),
-        "seconds": round(time.perf_counter() - started, 3),
+        **clock.timings(),
         "outputs": {"data": data_uri, "quarantine": stage.child("quarantine.jsonl")},
     }
     write_report(stage, report, "\n".join([
@@ -125,3 +143,30 @@ def _embed_task(texts: list[str], model: str, max_seq_length: int | None) -> np.
 
     torch.set_num_threads(1)
     return encode(load_sentence_model(model, max_seq_length), texts, batch_size=64).astype(np.float32)
+
+
+class EmbedReport(StageReport):
+    model: str
+    dimensions: Optional[int]  # null when nothing was embedded
+    docs_per_second: float
+
+
+class Embed(Stage):
+    name, config, report = "embed", EmbedConfig, EmbedReport
+    help = "CRAFT step 1: corpus embeddings (sentence-transformers) in a Ray Data actor pool."
+
+    def check_recipe(self, cfg: EmbedConfig, recipe) -> None:
+        if cfg.corpus is None and recipe.select is None:
+            raise ValueError("embed.corpus: required unless the recipe has a select section (then embed reads "
+                             "select's output)")
+
+    def preflight(self, cfg: EmbedConfig, recipe) -> None:
+        if cfg.corpus is not None:  # null: select's output, made by this run
+            check_inputs("embed.corpus", cfg.corpus)
+
+    def run(self, cfg: EmbedConfig, stage: StageDir, recipe) -> dict:
+        return run_embed(cfg, stage)
+
+    def summary(self, r: EmbedReport) -> str:
+        return (f"embed: {r.rows_out:,} of {r.rows_in:,} documents embedded ({r.model}, {r.dimensions} dimensions); "
+                f"quarantined {r.rows_quarantined:,}; {r.docs_per_second:,.0f} docs/s")

@@ -11,20 +11,44 @@ from __future__ import annotations
 import io
 import math
 import resource
-import time
+from typing import Literal, Optional
 
 import numpy as np
 import pyarrow.parquet as pq
 import ray
+from pydantic import Field
 
 from ...actors.embedding import EMBEDDING, arrow_to_vectors
 from ...actors.vector_index import (ExactNeighbours, IndexPlan, calibrate, faiss_gpus, finish_for_saving, new_index,
-                                   save_index, set_search_parameters, to_gpus)
+                                    save_index, set_search_parameters, to_gpus)
 from .. import corpus
-from ..recipe import IndexConfig
-from ..resources import gpus_up, largest_node_cpus
 from ..report import markdown_table, write_report
+from ..resources import gpus_up, largest_node_cpus
 from ..rundir import StageDir, StageError
+from ..schema import Strict
+from ..stage import Stage, StageClock, StageReport
+
+
+class IndexConfig(Strict):
+    kind: Literal["auto", "flat", "ivf", "ivfpq", "hnsw"] = Field(
+        "auto", description="auto = exact 'flat' up to exact_max_rows vectors, 'ivf' above.")
+    exact_max_rows: int = Field(200_000, gt=0, description="auto: the largest corpus searched exactly.")
+    nlist: Optional[int] = Field(None, gt=0, description="IVF cells; null = a power of two near 4*sqrt(rows).")
+    nprobe: Optional[int] = Field(None, gt=0, description="IVF cells searched per query; null = the fewest that "
+                                                          "reach target_recall (measured at build time).")
+    target_recall: float = Field(0.99, gt=0, le=1, description="IVF with nprobe unset: recall@10 against exact "
+                                                               "search that the chosen nprobe must reach.")
+    calibration_queries: int = Field(256, gt=0, description="Corpus vectors used as queries to measure recall.")
+    pq_m: int = Field(48, gt=0, description="ivfpq: sub-quantizers (must divide the dimension); 8 bits each.")
+    hnsw_m: int = Field(32, gt=0, description="hnsw: graph neighbours per vector.")
+    ef_construction: int = Field(80, gt=0, description="hnsw: build-time search depth.")
+    ef_search: int = Field(128, gt=0, description="hnsw: query-time search depth.")
+    train_rows: int = Field(100_000, gt=0, description="IVF: vectors sampled (over all shards) to train on.")
+    gpu: Optional[bool] = Field(None, description="Build and search on GPUs with faiss-gpu; null = when faiss "
+                                                  "sees one (flat and IVF kinds; HNSW stays on CPU).")
+    num_cpus: Optional[int] = Field(None, gt=0, description="CPUs (faiss threads) of the build and search task; "
+                                                            "null = the largest node's.")
+    seed: int = Field(0, description="Seed of the training sample and the calibration queries.")
 
 MIN_TRAINING_POINTS_PER_CELL = 39  # faiss warns below this many k-means points per centroid
 RECALL_AT = 10
@@ -96,25 +120,26 @@ def build_index(data_uri: str, shards: list[tuple[str, int]], plan: IndexPlan, c
     if use_gpu:
         index = to_gpus(index)
     stats = {"gpu": use_gpu, "threads": threads, "train_rows": 0, "train_seconds": 0.0}
-    t = time.perf_counter()
+    clock = StageClock()  # in this task: its phases come back as stats
     queries = None
     if plan.kind != "flat":  # recall is measured with corpus vectors as queries, drawn in the same pass as training's
         wanted = cfg.calibration_queries + (cfg.train_rows if plan.needs_training else 0)
         sample = np.random.default_rng(cfg.seed).permutation(training_sample(data_uri, shards, wanted, cfg.seed))
         queries, sample = sample[:cfg.calibration_queries], sample[cfg.calibration_queries:]
     if plan.needs_training:
-        index.train(sample)
-        stats.update(train_rows=len(sample), train_seconds=round(time.perf_counter() - t, 3))
-    t = time.perf_counter()
+        with clock.phase("train"):
+            index.train(sample)
+        stats.update(train_rows=len(sample), train_seconds=round(clock.seconds(), 3))
     exact = ExactNeighbours(queries, k=RECALL_AT) if queries is not None else None
     row_ids = []
-    for path, _ in tqdm(shards, desc="index: adding shards", unit="shard"):
-        orders, vectors = read_shard(data_uri, path)
-        index.add(vectors)
-        if exact is not None:
-            exact.add(vectors)
-        row_ids.append(orders)
-    stats["add_seconds"] = round(time.perf_counter() - t, 3)
+    with clock.phase("add"):
+        for path, _ in tqdm(shards, desc="index: adding shards", unit="shard"):
+            orders, vectors = read_shard(data_uri, path)
+            index.add(vectors)
+            if exact is not None:
+                exact.add(vectors)
+            row_ids.append(orders)
+    stats["add_seconds"] = round(clock.phase_seconds("add"), 3)
     if exact is not None:
         plan, curve = calibrate(index, plan, exact, cfg.target_recall)
         stats["recall_curve"] = {str(depth): round(r, 4) for depth, r in curve.items()}
@@ -150,7 +175,7 @@ def embed_output(stage: StageDir) -> tuple[dict, str]:
 
 
 def run_index(cfg: IndexConfig, stage: StageDir) -> dict:
-    started = time.perf_counter()
+    clock = StageClock()
     embed_report, data_uri = embed_output(stage)
     shards = [(p, n) for p, n in list_shards(data_uri) if n]
     rows = sum(n for _, n in shards)
@@ -171,7 +196,7 @@ def run_index(cfg: IndexConfig, stage: StageDir) -> dict:
     stage.write_json("index.json", meta)
     report = {"stage": "index", "rows_in": rows, "rows_out": rows, "rows_quarantined": 0, "rows_filtered": {},
               "kind": plan.kind, "factory": plan.factory, "nlist": plan.nlist, "nprobe": plan.nprobe,
-              "shards": len(shards), **stats, "seconds": round(time.perf_counter() - started, 3),
+              "shards": len(shards), **stats, **clock.timings(),
               "outputs": {"index": stage.child("index.faiss"), "row_ids": stage.child("row_ids.npy"),
                           "meta": stage.child("index.json")}}
     write_report(stage, report, "\n".join([
@@ -187,3 +212,19 @@ def run_index(cfg: IndexConfig, stage: StageDir) -> dict:
                         ("on GPU", stats["gpu"]), ("peak memory of the build (MiB)", stats["peak_rss_mib"]),
                         ("seconds", report["seconds"])]), ""]))
     return report
+
+
+class IndexReport(StageReport):
+    kind: str
+    factory: str
+
+
+class Index(Stage):
+    name, config, report = "index", IndexConfig, IndexReport
+    help = "CRAFT step 2: a faiss index of the embeddings (exact, IVF, IVF-PQ or HNSW; recall measured)."
+
+    def run(self, cfg: IndexConfig, stage: StageDir, recipe) -> dict:
+        return run_index(cfg, stage)
+
+    def summary(self, r: IndexReport) -> str:
+        return f"index: {r.rows_out:,} vectors, {r.kind} ({r.factory}), built in {r.seconds:.1f}s"

@@ -15,25 +15,42 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
 import ray
+from pydantic import Field
 
 from ...actors.vector_index import IndexPlan, VectorSearcher
 from .. import corpus
 from ..corpus import (LONE_SURROGATE, CorpusSpec, drop_internal_columns, has_lone_surrogate, open_lines, read_corpus,
-                     without_operator_reservations)
-from .index import wants_gpu
+                      without_operator_reservations)
 from ..paths import expand_inputs
-from ..recipe import RetrieveConfig
-from ..resources import largest_node_cpus
 from ..report import embedding_map_png, markdown_table, similarity_histogram_png, write_report
+from ..resources import largest_node_cpus
 from ..rundir import StageDir, StageError, count_parquet_rows
+from ..schema import InputPath, InputPaths, Strict
+from ..stage import Stage, StageClock, StageReport
 from ..unique_ids import make_ids_unique
+from .index import wants_gpu
+
+
+class RetrieveConfig(Strict):
+    few_shots: InputPaths = Field(description="The task's few-shot examples (JSONL; CRAFT's Text/Instruction/Output "
+                                            "format works as is).")
+    few_shot_field: Optional[str] = Field(None, description="Few-shot field to embed; null = 'text', else 'Text'.")
+    top_k: int = Field(1000, gt=0, description="Documents to return.")
+    per_few_shot_fraction: float = Field(0.5, ge=0, le=1, description="Share of top_k filled from each "
+                                         "few-shot's own top hits (the rest: by mean similarity to all few-shots).")
+    overfetch: float = Field(0.2, ge=0, description="Fetch this much more than needed, to absorb duplicates.")
+    near_duplicate_similarity: float = Field(0.95, gt=0, le=1, description="Hits at least this similar (cosine) "
+                                             "to a better hit are duplicates and dropped.")
+    index: Optional[InputPath] = Field(None, description="The index step's folder; null = this run's index/.")
+    map_sample: int = Field(2000, ge=0, description="Corpus vectors drawn for the report's embedding map.")
+    num_cpus: Optional[int] = Field(None, gt=0, description="CPUs (threads) of the search actor; null = the "
+                                                            "largest node's.")
 
 
 class RetrieveError(StageError):
@@ -185,30 +202,30 @@ def check_same_corpus(meta: dict, paths: list[str], index_uri: str) -> None:
 
 
 def run_retrieve(cfg: RetrieveConfig, stage: StageDir) -> dict:
-    started = time.perf_counter()
+    clock = StageClock()
     index_dir, meta = index_metadata(cfg, stage)
     shots, shot_field = load_few_shots(cfg.few_shots, cfg.few_shot_field)
     plan = IndexPlan(**meta["plan"])
     threads = cfg.num_cpus or largest_node_cpus()
     gpu = wants_gpu(None, plan) and meta.get("gpu", False)
     fs, index_path = index_dir.fs_path
-    searcher = ray.remote(VectorSearcher).options(num_cpus=threads, num_gpus=1 if gpu else 0).remote(
-        fs, index_path, plan.to_dict(), meta["model"], meta["max_seq_length"], threads, gpu)
-    try:
-        queries = ray.get(searcher.embed.remote(shots))
-        n_rows = ray.get(searcher.size.remote())
-        hits = choose_hits(lambda q, k: ray.get(searcher.search.remote(q, k)),
-                           lambda p: ray.get(searcher.vectors.remote(p)),
-                           queries, n_rows, cfg.top_k, cfg.per_few_shot_fraction, cfg.overfetch,
-                           cfg.near_duplicate_similarity)
-        positions = np.asarray(hits.positions, np.int64)
-        chosen_vectors = ray.get(searcher.vectors.remote(positions))
-        orders = ray.get(searcher.orders.remote(positions))
-        sample = np.random.default_rng(0).choice(n_rows, size=min(cfg.map_sample, n_rows), replace=False)
-        sample_vectors = ray.get(searcher.vectors.remote(np.sort(sample)))
-    finally:
-        ray.kill(searcher)  # its CPUs go back to the read tasks below
-    searched = time.perf_counter()
+    with clock.phase("search"):
+        searcher = ray.remote(VectorSearcher).options(num_cpus=threads, num_gpus=1 if gpu else 0).remote(
+            fs, index_path, plan.to_dict(), meta["model"], meta["max_seq_length"], threads, gpu)
+        try:
+            queries = ray.get(searcher.embed.remote(shots))
+            n_rows = ray.get(searcher.size.remote())
+            hits = choose_hits(lambda q, k: ray.get(searcher.search.remote(q, k)),
+                               lambda p: ray.get(searcher.vectors.remote(p)),
+                               queries, n_rows, cfg.top_k, cfg.per_few_shot_fraction, cfg.overfetch,
+                               cfg.near_duplicate_similarity)
+            positions = np.asarray(hits.positions, np.int64)
+            chosen_vectors = ray.get(searcher.vectors.remote(positions))
+            orders = ray.get(searcher.orders.remote(positions))
+            sample = np.random.default_rng(0).choice(n_rows, size=min(cfg.map_sample, n_rows), replace=False)
+            sample_vectors = ray.get(searcher.vectors.remote(np.sort(sample)))
+        finally:
+            ray.kill(searcher)  # its CPUs go back to the read tasks below
 
     similarity = chosen_vectors @ queries.T
     best = similarity.max(axis=1)
@@ -248,7 +265,7 @@ def run_retrieve(cfg: RetrieveConfig, stage: StageDir) -> dict:
                                                minlength=len(shots)).tolist(),
         "score": _summary(best), "corpus_sample_score": _summary(sample_best),
         "fetch_rounds": hits.fetch_rounds, "index": index_dir.uri, "index_kind": plan.kind,
-        "search_seconds": round(searched - started, 3), "seconds": round(time.perf_counter() - started, 3),
+        **clock.timings(),
         "outputs": {"data": data_uri},
     }
     write_report(stage, report, render_markdown(report))
@@ -283,3 +300,26 @@ def render_markdown(report: dict) -> str:
         "`score` is the cosine similarity to the closest few-shot.", "",
         "![embedding map](embedding_map.png)", "", "![scores](scores.png)", "",
         f"Retrieved documents per matched few-shot: {counts}.", ""])
+
+
+class RetrieveReport(StageReport):
+    few_shots: int
+    retrieved_by: dict[str, int]
+    score: Optional[dict]
+
+
+class Retrieve(Stage):
+    name, config, report = "retrieve", RetrieveConfig, RetrieveReport
+    help = "CRAFT step 3: the corpus documents most like the task's few-shot examples."
+
+    def preflight(self, cfg: RetrieveConfig, recipe) -> None:
+        load_few_shots(cfg.few_shots, cfg.few_shot_field)
+
+    def run(self, cfg: RetrieveConfig, stage: StageDir, recipe) -> dict:
+        return run_retrieve(cfg, stage)
+
+    def summary(self, r: RetrieveReport) -> str:
+        return (f"retrieve: {r.rows_out:,} documents for {r.few_shots} few-shots ({r.retrieved_by['few_shot']:,} by "
+                f"their own hits, {r.retrieved_by['mean']:,} by mean similarity); "
+                f"{r.rows_filtered['near_duplicate']:,} near-duplicates dropped; score median "
+                f"{(r.score or {}).get('median')}")

@@ -17,24 +17,96 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-import time
 import zlib
+from typing import Annotated, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from pydantic import Field, field_validator, model_validator
 from ray.data import ActorPoolStrategy
 
 from ...actors.fasttext_domain import FastTextDomainScorer, FastTextParams, normalise_text, train_classifier
 from ...actors.quality import HeuristicQualityScorer, HFQualityScorer
 from .. import corpus
-from ..corpus import READ_TASK_CPUS, CorpusSpec, drop_internal_columns, read_corpus, read_texts_locally, without_operator_reservations
-from ..recipe import SelectConfig
-from ..resources import cluster_cpus
+from ..corpus import (READ_TASK_CPUS, CorpusSpec, drop_internal_columns, read_corpus, read_texts_locally,
+                      without_operator_reservations)
 from ..report import markdown_table, score_histogram_png, write_report
+from ..resources import cluster_cpus
 from ..rundir import StageDir, StageError, count_parquet_rows, read_file_bytes
+from ..schema import InputPath, InputPaths, PathRole, Strict
+from ..stage import Stage, StageClock, StageReport, check_file, check_inputs
 from ..unique_ids import make_ids_unique
+
+
+class FastTextConfig(Strict):
+    epoch: int = Field(5, gt=0, description="Training epochs.")
+    lr: float = Field(0.1, gt=0, description="Learning rate.")
+    word_ngrams: int = Field(2, ge=1, le=5, description="Word n-grams (bigrams help).")
+    dim: int = Field(32, gt=0, description="Vector size (small: the task is binary).")
+    bucket: int = Field(262_144, gt=0, description="Hash buckets for n-grams.")
+    min_count: int = Field(2, ge=1, description="Fewest occurrences of a word to learn it.")
+    balance_classes: bool = Field(True, description="Upsample positives to the number of negatives.")
+    validation_fraction: float = Field(0.1, ge=0, lt=1, description="Held out of both classes to report "
+                                                                   "precision and recall.")
+    seed: int = Field(13, description="Sampling and training seed.")
+    threads: int = Field(1, ge=1, description="Training threads; 1 keeps training reproducible (fastText's "
+                                              "multi-threaded SGD is not).")
+
+
+# "hf:MODEL" names a model (a Hugging Face id or folder) after its prefix.
+QualityScorer = Annotated[str, PathRole("model", prefix="hf:")]
+
+
+class QualityConfig(Strict):
+    scorer: QualityScorer = Field("heuristic", description="'heuristic', 'none', or 'hf:MODEL' (Hugging Face id or path).")
+    min_score: float = Field(0.8, ge=0, le=1, description="Keep documents whose quality_score is at least this.")
+    max_length: int = Field(512, gt=0, description="hf: tokens per document.")
+    max_score: float = Field(5.0, gt=0, description="hf regression heads: the grade that maps to 1.0.")
+    batch_size: int = Field(32, gt=0, description="hf: documents per forward pass.")
+    num_gpus: float = Field(0.0, ge=0, description="hf: GPUs per scoring actor.")
+    concurrency: int = Field(1, gt=0, description="hf: scoring actors.")
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, value: str) -> str:
+        if value in ("heuristic", "none") or (value.startswith("hf:") and len(value) > 3):
+            return value
+        raise ValueError(f"expected 'heuristic', 'none' or 'hf:MODEL', got {value!r}")
+
+
+class SelectConfig(Strict):
+    in_domain: InputPaths = Field(description="The small in-domain set (JSONL/Parquet): the classifier's positives.")
+    corpus: InputPaths = Field(description="The general corpus: files, directories or globs, local or URIs.")
+    text_field: str = Field("text", description="Field holding the text.")
+    in_domain_text_field: Optional[str] = Field(None, description="Text field of the in-domain file; "
+                                                                  "null = text_field.")
+    id_field: str = Field("id", description="Field holding a row id (rows without one get FILE:LINE; a repeated "
+                                            "id becomes ID#k).")
+    negatives: Optional[InputPaths] = Field(None, description="General-text negatives; null = sample the corpus.")
+    negatives_sample: int = Field(20_000, gt=0, description="How many negatives to train on.")
+    classifier: Optional[InputPath] = Field(None, description="A trained fastText model to reuse instead of training.")
+    keep_fraction: Optional[float] = Field(None, gt=0, le=1, description="Keep this top fraction by domain score.")
+    threshold: Optional[float] = Field(None, ge=0, le=1, description="Keep domain_score >= threshold "
+                                                                     "(default 0.5 when keep_fraction is unset).")
+    dedup: bool = Field(True, description="Drop exact duplicates (normalised text hash) among kept documents.")
+    batch_size: int = Field(1024, gt=0, description="Documents per scoring batch.")
+    scorer_concurrency: Optional[int] = Field(None, gt=0, description="fastText scoring actors; null = one per CPU.")
+    fasttext: FastTextConfig = FastTextConfig()
+    quality: QualityConfig = QualityConfig()
+
+    @model_validator(mode="after")
+    def _one_selection_rule(self) -> "SelectConfig":
+        if self.keep_fraction is not None and self.threshold is not None:
+            raise ValueError("set keep_fraction or threshold, not both")
+        return self
+
+    @property
+    def effective_threshold(self) -> Optional[float]:
+        if self.keep_fraction is not None:
+            return None
+        return 0.5 if self.threshold is None else self.threshold
 
 TEXT_HASH = "_text_hash"
 N_TOKENS = "_n_tokens"
@@ -275,35 +347,38 @@ def choose_rows(scores: pa.Table, cfg: SelectConfig) -> tuple[np.ndarray, dict, 
 
 # --------------------------------------------------------------------------------------------------- the stage
 def run_select(cfg: SelectConfig, stage: StageDir) -> dict:
-    started = time.perf_counter()
-    phases: dict[str, float] = {}
+    clock = StageClock()
     quarantine: list[dict] = []
     scoring_actors = scorer_pool_size(cfg, cluster_cpus())  # a recipe asking for more than fits fails before work
+    with clock.phase("classifier"):
+        model_bytes, classifier_info = obtain_classifier(cfg, stage, quarantine)
+    with clock.phase("read_and_score"):
+        scores = score_corpus(cfg, model_bytes, scoring_actors)
+    with clock.phase("choose"):
+        keep_mask, filtered, chosen = choose_rows(scores, cfg)
+    with clock.phase("write"):
+        data_uri = stage.child("data")
+        kept = scores.filter(pa.array(keep_mask)).select(
+            [c for c in (corpus.ORDER, "domain_score", "quality_score") if c in scores.column_names])
+        with without_operator_reservations():
+            (read_corpus(CorpusSpec(cfg.corpus, cfg.text_field, cfg.id_field), only_rows=kept)
+                .map_batches(drop_internal_columns, batch_format="pyarrow", batch_size=None)
+                .write_parquet(data_uri))
+        ids_renamed = make_ids_unique([data_uri], cfg.id_field)
+    with clock.phase("report"):
+        report = _select_report(cfg, stage, scores, keep_mask, filtered, chosen, quarantine, classifier_info,
+                                ids_renamed, corpus_seconds=sum(map(clock.phase_seconds,
+                                                                    ("read_and_score", "choose", "write"))))
+    report.update(clock.timings())
+    write_report(stage, report, render_markdown(report))
+    return report
 
-    t = time.perf_counter()
-    model_bytes, classifier_info = obtain_classifier(cfg, stage, quarantine)
-    phases["classifier"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    scores = score_corpus(cfg, model_bytes, scoring_actors)
-    phases["read_and_score"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    keep_mask, filtered, chosen = choose_rows(scores, cfg)
-    phases["choose"] = time.perf_counter() - t
-
-    t = time.perf_counter()
+def _select_report(cfg: SelectConfig, stage: StageDir, scores: pa.Table, keep_mask: np.ndarray, filtered: dict,
+                   chosen: dict, quarantine: list[dict], classifier_info: dict, ids_renamed: int,
+                   corpus_seconds: float) -> dict:
+    """report.json's fields (timings aside), with quarantine.jsonl and the domain-score histogram written."""
     data_uri = stage.child("data")
-    kept = scores.filter(pa.array(keep_mask)).select(
-        [c for c in (corpus.ORDER, "domain_score", "quality_score") if c in scores.column_names])
-    with without_operator_reservations():
-        (read_corpus(CorpusSpec(cfg.corpus, cfg.text_field, cfg.id_field), only_rows=kept)
-            .map_batches(drop_internal_columns, batch_format="pyarrow", batch_size=None)
-            .write_parquet(data_uri))
-    ids_renamed = make_ids_unique([data_uri], cfg.id_field)
-    phases["write"] = time.perf_counter() - t
-
-    t = time.perf_counter()
     bad = scores.filter(pc.is_valid(scores.column(corpus.QUARANTINE_REASON)))
     quarantine.extend({"input": "corpus", "file": r[corpus.SOURCE_FILE], "line": r[corpus.SOURCE_LINE],
                        "reason": r[corpus.QUARANTINE_REASON], "raw": r[corpus.RAW]}
@@ -322,8 +397,7 @@ def run_select(cfg: SelectConfig, stage: StageDir) -> dict:
         "rows_filtered": filtered,
         "ids_made_unique": ids_renamed,
         # Throughput of the corpus work: scoring, choosing and writing (not training, which depends on the in-domain set).
-        "docs_per_second": round(scores.num_rows / max(phases["read_and_score"] + phases["choose"] + phases["write"],
-                                                       1e-9), 1),
+        "docs_per_second": round(scores.num_rows / max(corpus_seconds, 1e-9), 1),
         "thresholds": chosen,
         "quality_scorer": cfg.quality.scorer,
         "tokens_kept": int(tokens[keep_mask].sum(dtype=np.int64)),
@@ -339,10 +413,6 @@ def run_select(cfg: SelectConfig, stage: StageDir) -> dict:
         png = score_histogram_png(domain[valid].astype(np.float64), keep_mask[valid], chosen["domain_threshold"],
                                   "select: domain scores of the corpus")
         stage.write_bytes("domain_scores.png", png)
-    phases["report"] = time.perf_counter() - t
-    report["seconds"] = round(time.perf_counter() - started, 3)
-    report["phase_seconds"] = {k: round(v, 3) for k, v in phases.items()}
-    write_report(stage, report, render_markdown(report))
     return report
 
 
@@ -371,5 +441,32 @@ def render_markdown(report: dict) -> str:
         lines.append(f"Reused `{clf['reused']}`.")
     else:
         lines.append(markdown_table([(k, v) for k, v in clf.items()]))
-    lines += ["", "## Phases (seconds)", "", markdown_table(list(report["phase_seconds"].items())), ""]
+    lines += ["", "## Phases (seconds)", "", markdown_table(list(report["phases"].items())), ""]
     return "\n".join(lines)
+
+
+class SelectReport(StageReport):
+    tokens_kept: int
+    docs_per_second: float
+
+
+class Select(Stage):
+    name, config, report = "select", SelectConfig, SelectReport
+    help = "TRAIT step 1: in-domain, educational documents out of a general corpus (fastText + a quality filter)."
+
+    def preflight(self, cfg: SelectConfig, recipe) -> None:
+        for field, specs in (("select.in_domain", cfg.in_domain), ("select.corpus", cfg.corpus),
+                             ("select.negatives", cfg.negatives)):
+            if specs:
+                check_inputs(field, specs)
+        if cfg.classifier:
+            check_file("select.classifier", cfg.classifier)
+
+    def run(self, cfg: SelectConfig, stage: StageDir, recipe) -> dict:
+        return run_select(cfg, stage)
+
+    def summary(self, r: SelectReport) -> str:
+        f = r.rows_filtered
+        return (f"select: kept {r.rows_out:,} of {r.rows_in:,} documents ({r.tokens_kept:,} tokens); filtered "
+                f"{f['low_domain_score']:,} low domain score, {f['low_quality']:,} low quality, {f['duplicate']:,} "
+                f"duplicates; quarantined {r.rows_quarantined:,}; {r.docs_per_second:,.0f} docs/s")

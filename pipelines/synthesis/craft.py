@@ -11,13 +11,45 @@ from __future__ import annotations
 
 import re
 import string
+from typing import TYPE_CHECKING, Literal, Optional
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 
+from ..schema import InputPaths, Strict
 from .prompts import PromptTemplate, check_renders, load_template
-from ..recipe import CraftConfig, SynthesizeConfig
 from .references import read_records
+
+if TYPE_CHECKING:
+    from .synthesize import SynthesizeConfig
+
+
+class CraftConfig(Strict):
+    """CRAFT: each retrieved document, with few-shots sampled from the user's examples, becomes one task sample."""
+    documents: Optional[InputPaths] = Field(None, description="Documents to rewrite (JSONL/Parquet); null = this "
+                                                            "run's retrieve output.")
+    document_field: str = Field("text", description="Field holding a document's text.")
+    id_field: str = Field("id", description="Field holding a row id (rows without one get FILE:LINE; a repeated "
+                                            "id becomes ID#k).")
+    few_shots: Optional[InputPaths] = Field(None, description="The task's examples (CRAFT's Text/Instruction/Output "
+                                                            "JSONL); null = retrieve.few_shots.")
+    few_shot_fields: dict[Literal["text", "instruction", "output"], str] = Field(
+        default_factory=lambda: {"text": "Text", "instruction": "Instruction", "output": "Output"},
+        description="Where each part of a few-shot is: its corpus-like text, instruction and output.")
+    task: Literal["multiple_choice", "qa", "summarization"] = Field(
+        "multiple_choice", description="The task type: sets the JSON asked for and how samples are validated.")
+    shots_per_prompt: int = Field(3, gt=0, description="Few-shots sampled into each prompt (CRAFT: 3).")
+    num_options: int = Field(4, ge=2, le=8, description="multiple_choice: options per question (answer A, B, ...).")
+    max_document_chars: int = Field(4000, gt=0, description="A longer document (or few-shot text) is cut to this "
+                                                            "in the prompt.")
+    min_question_chars: int = Field(15, ge=1, description="multiple_choice and qa: shortest question kept.")
+    min_answer_chars: int = Field(1, ge=1, description="qa: shortest answer kept.")
+    min_source_chars: int = Field(200, ge=1, description="summarization: shortest source text kept.")
+    min_summary_chars: int = Field(40, ge=1, description="summarization: shortest summary kept (and it must be "
+                                                         "shorter than its source).")
+    summary_instruction: str = Field("Write a TLDR for the following text.", description="summarization: the "
+                                     "instruction written before each source text.")
 
 TEMPLATE_VARIABLES = {"document", "examples", "task", "num_options", "letters", "json_format"}
 REQUIRED_VARIABLES = {"document", "examples"}

@@ -13,10 +13,17 @@ The embeddings are computed in one Ray task (one CPU), so the driver loads no mo
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field
 
 from ...actors.minhash import normalised_words
-from ..recipe import DiversityConfig
 from ..report import _png, _pyplot, markdown_table
+from ..schema import ModelRef, Strict
+
+
+class DiversityConfig(Strict):
+    """How reports measure the diversity of what is kept."""
+    sample: int = Field(2000, ge=0, description="Rows (at most) embedded for the diversity measures; 0 = off.")
+    model: ModelRef = Field("all-MiniLM-L6-v2", description="sentence-transformers id or path.")
 
 
 def distinct_n(words: list[list[str]], n: int) -> float | None:

@@ -8,10 +8,42 @@ and a rerun with the same seed repeats the run.
 
 from __future__ import annotations
 
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+from pydantic import Field, field_validator
+
+from ...actors.engines import SamplingParams
+from ..schema import InputPath, Strict
+from .generate import sampling_overrides
 from .prompts import PromptTemplate, check_renders, load_template
-from ..recipe import SynthesizeConfig
+
+if TYPE_CHECKING:
+    from .synthesize import SynthesizeConfig
+
+
+RESPONSE_SAMPLING = {"temperature": 0.0, "max_tokens": 1024}
+
+
+class DominoConfig(Strict):
+    """DOMINO: new inputs sampled from the domain soft prompt Z (nothing else in the prompt), optionally answered."""
+    soft_prompt: InputPath = Field(description="The domain soft prompt: [m, hidden] .safetensors, .npy or PEFT folder.")
+    num_samples: int = Field(1000, gt=0, description="Inputs to sample (the authors: 40k-80k).")
+    prompt: str = Field("", description="Text after the soft prompt (empty: sample from p(x | Z) alone).")
+    min_input_chars: int = Field(20, ge=1, description="Shortest sampled input kept.")
+    respond: bool = Field(False, description="Let the same LLM write each kept input's output (SFT pairs).")
+    response_sampling: dict[str, Any] = Field(default_factory=dict, description="respond: sampling overrides "
+                                              "(default greedy, max_tokens 1024).")
+
+    @property
+    def effective_response_sampling(self) -> SamplingParams:
+        return sampling_overrides(self.response_sampling, RESPONSE_SAMPLING)
+
+    @field_validator("response_sampling")
+    @classmethod
+    def _valid_response_sampling(cls, value: dict) -> dict:
+        sampling_overrides(value, RESPONSE_SAMPLING)
+        return value
 
 RESPONSE_VARIABLES = {"input"}
 

@@ -5,23 +5,71 @@ counts). Rows that cannot be read or generated go to ``quarantine.jsonl`` with f
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import pyarrow.dataset as pads
+from pydantic import Field, ValidationError, field_validator
 from ray.data import ActorPoolStrategy, Dataset
 
-from ...actors.engines import SamplingParams
+from ...actors.engines import ENGINE_KINDS, SamplingParams
 from ...actors.generation import GenerateBatch
 from .. import corpus
 from ..corpus import (READ_TASK_CPUS, CorpusSpec, drop_internal_columns, read_corpus, reading_cpus,
-                     without_operator_reservations)
-from ..recipe import EnginePoolConfig, GenerateConfig
+                      without_operator_reservations)
 from ..report import markdown_table, token_histogram_png, write_report
 from ..resources import cluster_cpus, cluster_gpus
 from ..rundir import QUARANTINE_PARTS, StageDir, StageError, gather_quarantine, write_quarantine_part
+from ..schema import InputPath, InputPaths, ModelRef, Strict
+from ..stage import Stage, StageClock, StageReport, check_inputs, check_model, check_soft_prompt
 from ..unique_ids import make_ids_unique
+
+EngineKind = Literal[ENGINE_KINDS]
+
+
+class EnginePoolConfig(Strict):
+    """The LLM and the Ray Data pool of engine actors that runs it (generate, synthesize, judge)."""
+    model: ModelRef = Field(description="Hugging Face id or folder of a causal LM.")
+    engine: EngineKind = Field("transformers", description="transformers (CPU or GPU) or vllm (GPU).")
+    engine_options: dict[str, Any] = Field(default_factory=dict, description="Passed to the engine's constructor "
+                                           "(transformers: dtype, device; vllm: max_model_len, dtype, ...).")
+    batch_size: int = Field(8, gt=0, description="Prompts per engine call.")
+    concurrency: Union[int, tuple[int, int], None] = Field(
+        None, description="Engine actors: a number, or [min, max] to autoscale; null = [1, as many as fit].")
+    num_cpus: Optional[float] = Field(None, gt=0, description="CPUs per engine actor (torch threads on CPU); null = "
+                                                              "one actor per CPU sharing them (1 per GPU actor).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per engine actor.")
+
+    @field_validator("concurrency")
+    @classmethod
+    def _pool_size(cls, value):
+        low, high = (value, value) if isinstance(value, int) else (value or (1, 1))
+        if low < 1 or high < low:
+            raise ValueError("expected a number >= 1, or [min, max] with 1 <= min <= max")
+        return value
+
+
+class GenerateConfig(EnginePoolConfig):
+    """Batch generation over Ray Data: one row per completion, from a file of prompts."""
+    prompts: InputPaths = Field(description="Prompts (JSONL/Parquet), one per row.")
+    prompt_field: str = Field("prompt", description="Field holding the prompt.")
+    id_field: str = Field("id", description="Field holding a row id (rows without one get FILE:LINE; a repeated "
+                                            "id becomes ID#k).")
+    chat: bool = Field(False, description="Send each prompt as a user message through the model's chat template.")
+    system_prompt: Optional[str] = Field(None, description="chat: a system message before each prompt.")
+    soft_prompt: Optional[InputPath] = Field(None, description="A soft prompt placed before every prompt (PEFT "
+                                                         "prompt-tuning folder, .safetensors or .npy).")
+    sampling: SamplingParams = SamplingParams()
+
+
+# ------------------------------------------------------------------------------------------- synthesis and judging
+def sampling_overrides(value: dict, defaults: dict) -> SamplingParams:
+    try:
+        return SamplingParams.model_validate({**defaults, **value})
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ValueError(problems) from None
 
 
 class GenerateError(StageError):
@@ -66,6 +114,9 @@ class QuarantineFailedRows:
             write_quarantine_part(self.parts_uri, f"{self.name}-{row[corpus.ORDER]:020d}.jsonl", [{
                 "file": row[corpus.SOURCE_FILE], "line": row[corpus.SOURCE_LINE], "reason": row["reason"],
                 "raw": row["prompt"]}])
+
+
+ENGINE_RESTARTS = 3
 
 
 @dataclass(frozen=True)
@@ -114,11 +165,14 @@ class EnginePool:
             compute=ActorPoolStrategy(min_size=self.low, max_size=self.high,
                                       initial_size=self.high if cfg.concurrency is None else self.low),
             num_cpus=self.cpus_per_actor, num_gpus=cfg.num_gpus or None,
+            # An actor that dies is restarted and its batch retried, but not forever (Ray Data's default): one that
+            # keeps dying (out of memory, a crashing device) fails the stage, naming the cause.
+            max_restarts=ENGINE_RESTARTS, max_task_retries=ENGINE_RESTARTS,
             batch_size=cfg.batch_size, batch_format="pyarrow")
 
 
 def run_generate(cfg: GenerateConfig, stage: StageDir) -> dict:
-    started = time.perf_counter()
+    clock = StageClock()
     pool = EnginePool.plan(cfg)
     low, high, cpus_per_actor = pool.low, pool.high, pool.cpus_per_actor
     spec = CorpusSpec(cfg.prompts, cfg.prompt_field, cfg.id_field)
@@ -129,7 +183,7 @@ def run_generate(cfg: GenerateConfig, stage: StageDir) -> dict:
                    .map_batches(drop_internal_columns, batch_format="pyarrow", batch_size=None))
     with without_operator_reservations():  # per-operator reservations would hold the engine pool to a share of the CPUs
         completions.write_parquet(data_uri)
-    seconds_generating = time.perf_counter() - started
+    seconds_generating = clock.seconds()
     ids_renamed = make_ids_unique([data_uri], cfg.id_field)
 
     failed = gather_quarantine(stage, "prompts")
@@ -154,7 +208,7 @@ def run_generate(cfg: GenerateConfig, stage: StageDir) -> dict:
         "soft_prompt": cfg.soft_prompt, "sampling": cfg.sampling.model_dump(exclude_none=True),
         "actors": {"min": low, "max": high}, "cpus_per_actor": round(cpus_per_actor, 3), "gpus_per_actor": cfg.num_gpus,
         "tokens_per_second": round(float(tokens.sum()) / max(seconds_generating, 1e-9), 1),
-        "seconds": round(time.perf_counter() - started, 3),
+        **clock.timings(),
         "outputs": {"data": data_uri, "quarantine": stage.child("quarantine.jsonl")},
     }
     write_report(stage, report, "\n".join([
@@ -169,3 +223,27 @@ def run_generate(cfg: GenerateConfig, stage: StageDir) -> dict:
         "![completion lengths](completion_tokens.png)" if len(tokens) else "", ""]))
     return report
 
+
+
+class GenerateReport(StageReport):
+    completions: int
+    completion_tokens: int
+    tokens_per_second: float
+
+
+class Generate(Stage):
+    name, config, report = "generate", GenerateConfig, GenerateReport
+    help = "Batch generation: completions for a file of prompts on an autoscaling pool of engines."
+
+    def preflight(self, cfg: GenerateConfig, recipe) -> None:
+        check_model("generate.model", cfg.model)
+        check_inputs("generate.prompts", cfg.prompts)
+        check_soft_prompt("generate.soft_prompt", cfg.soft_prompt)
+
+    def run(self, cfg: GenerateConfig, stage: StageDir, recipe) -> dict:
+        return run_generate(cfg, stage)
+
+    def summary(self, r: GenerateReport) -> str:
+        return (f"generate: {r.completions:,} completions for {r.rows_out:,} of {r.rows_in:,} prompts "
+                f"({r.completion_tokens:,} tokens, {r.tokens_per_second:,.0f} tokens/s); quarantined "
+                f"{r.rows_quarantined:,}")

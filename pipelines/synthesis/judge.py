@@ -6,20 +6,45 @@ good, excellent — answering with JSON held to an enum at temperature 0; sample
 from __future__ import annotations
 
 import json
-import time
+from typing import Literal, Optional
 
 import pyarrow as pa
+from pydantic import Field
 
 from ...actors.engines import SamplingParams
+from .. import paths
 from ..corpus import READ_TASK_CPUS, CorpusSpec, read_corpus
-from .generate import EnginePool
-from .outcomes import (DROP_DETAIL, DROP_REASON, acceptance_rate, finish_outcomes, kept_diversity, outcome_rows,
-                       value_counts)
-from .prompts import PromptTemplate, check_renders, load_template
-from ..recipe import RATINGS, JudgeConfig
-from .references import References, load_reference_texts, references_of
 from ..report import _png, _pyplot, markdown_table, write_report
 from ..rundir import QUARANTINE_PARTS, StageDir
+from ..schema import InputPath, InputPaths
+from ..stage import Stage, StageClock, check_inputs, check_model
+from .diversity import DiversityConfig
+from .generate import EnginePool, EnginePoolConfig
+from .outcomes import (DROP_DETAIL, DROP_REASON, OutcomeReport, acceptance_rate, finish_outcomes, kept_diversity,
+                       outcome_rows, outcome_summary, value_counts)
+from .prompts import PromptTemplate, check_renders, load_template
+from .references import References, load_reference_texts, references_of
+
+RATINGS = ("very poor", "poor", "average", "good", "excellent")  # DOMINO's five levels, worst first
+
+
+class JudgeConfig(EnginePoolConfig):
+    """The LLM judge: each sample rated on DOMINO's five levels with a structured answer at temperature 0."""
+    input: Optional[InputPaths] = Field(None, description="Samples to judge (JSONL/Parquet); null = this run's qc "
+                                                        "output, else its synthesize output.")
+    text_field: str = Field("text", description="The field the judge reads.")
+    id_field: str = Field("id", description="Field holding a row id (rows without one get FILE:LINE; a repeated "
+                                            "id becomes ID#k).")
+    template: Optional[InputPath] = Field(None, description="A Jinja2 judge template replacing the default.")
+    system_prompt: Optional[str] = Field(None, description="A system message before each prompt.")
+    threshold: Literal[RATINGS] = Field("excellent", description="Keep samples rated at least this.")
+    max_tokens: int = Field(32, gt=0, description="Tokens for the rating's JSON.")
+    max_sample_chars: int = Field(6000, gt=0, description="A longer sample is cut to this in the prompt.")
+    references: Optional[InputPaths] = Field(None, description="References for the diversity report; null = "
+                                                             "synthesize's.")
+    reference_fields: Optional[list[str]] = Field(None, description="Fields of a reference joined into its text; "
+                                                  "null = as for synthesize.")
+    diversity: DiversityConfig = DiversityConfig()
 
 TEMPLATE_VARIABLES, REQUIRED_VARIABLES = {"sample", "row"}, {"sample"}
 RATING_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["rating"],
@@ -94,7 +119,7 @@ class ApplyThreshold:
 
 def run_judge(cfg: JudgeConfig, stage: StageDir, upstream: str | None = None,
               references: References | None = None) -> dict:
-    started = time.perf_counter()
+    clock = StageClock()
     template = prepare(cfg)
     pool = EnginePool.plan(cfg, "judge")
     parts = stage.child(QUARANTINE_PARTS)
@@ -105,7 +130,7 @@ def run_judge(cfg: JudgeConfig, stage: StageDir, upstream: str | None = None,
                            system_prompt=cfg.system_prompt) \
         .map_batches(ApplyThreshold(cfg.threshold), batch_format="pyarrow")
     kept, dropped, quarantined, rows_in, ids_renamed = finish_outcomes(judged, stage, "samples", cfg.id_field)
-    judging = time.perf_counter() - started
+    judging = clock.seconds()
     ratings = _rating_counts(stage)
     refs = references_of(cfg, references)
     reference_texts = load_reference_texts(refs, "judge.references") if refs else None
@@ -116,7 +141,7 @@ def run_judge(cfg: JudgeConfig, stage: StageDir, upstream: str | None = None,
         "ids_made_unique": ids_renamed,
         "acceptance_rate": acceptance_rate(kept, rows_in), "threshold": cfg.threshold, "ratings": ratings,
         "model": cfg.model, "engine": cfg.engine, "diversity": diversity,
-        "samples_per_second": round(rows_in / max(judging, 1e-9), 2), "seconds": round(time.perf_counter() - started, 3),
+        "samples_per_second": round(rows_in / max(judging, 1e-9), 2), **clock.timings(),
         "outputs": {"data": stage.child("data"), "dropped": stage.child("dropped"),
                     "quarantine": stage.child("quarantine.jsonl")},
     }
@@ -146,3 +171,34 @@ def ratings_png(ratings: dict[str, int], threshold: str) -> bytes:
     ax.set_ylabel("samples")
     ax.set_title(f"judge ratings (kept: {threshold} and above, in green)")
     return _png(fig)
+
+
+def _judge_context(recipe) -> dict:
+    """What the judge reads when its section names no input (this run's qc output, else its synthesize output)
+    and the references of its diversity report when it names none (synthesize's)."""
+    from .synthesize import default_references
+
+    before = "qc" if recipe.qc is not None else "synthesize"
+    references = default_references(recipe.synthesize) if recipe.synthesize is not None else None
+    return {"upstream": paths.join(recipe.run_dir, before, "data"), "references": references}
+
+
+class Judge(Stage):
+    name, config, report = "judge", JudgeConfig, OutcomeReport
+    help = "The LLM judge: each sample rated on DOMINO's five levels; those rated at least the threshold are kept."
+
+    def check_recipe(self, cfg: JudgeConfig, recipe) -> None:
+        if cfg.input is None and recipe.synthesize is None and recipe.qc is None:
+            raise ValueError("judge.input: required unless the recipe has a synthesize or qc section")
+
+    def preflight(self, cfg: JudgeConfig, recipe) -> None:
+        check_model("judge.model", cfg.model)
+        if cfg.input is not None:
+            check_inputs("judge.input", cfg.input)
+        prepare(cfg)
+
+    def run(self, cfg: JudgeConfig, stage: StageDir, recipe) -> dict:
+        return run_judge(cfg, stage, **_judge_context(recipe))
+
+    def summary(self, r: OutcomeReport) -> str:
+        return outcome_summary("judge", r)

@@ -12,6 +12,7 @@ from ray.data import Dataset
 
 from ..corpus import drop_internal_columns, without_operator_reservations
 from ..rundir import StageDir, count_parquet_rows, gather_quarantine
+from ..stage import StageReport
 from ..unique_ids import make_ids_unique
 
 DROP_REASON, DROP_DETAIL = "drop_reason", "drop_detail"
@@ -102,3 +103,14 @@ def outcome_rows(report: dict) -> list[tuple[str, object]]:
 
 def acceptance_rate(kept: int, rows_in: int) -> float:
     return round(kept / rows_in, 4) if rows_in else 0.0
+
+
+class OutcomeReport(StageReport):
+    """The report of a stage that keeps or drops each row (synthesize, qc, judge)."""
+    acceptance_rate: float
+
+
+def outcome_summary(label: str, r: OutcomeReport) -> str:
+    dropped = ", ".join(f"{n:,} {reason.replace('_', ' ')}" for reason, n in r.rows_filtered.items() if n)
+    return (f"{label}: kept {r.rows_out:,} of {r.rows_in:,} ({r.acceptance_rate:.0%}); dropped {dropped or 'none'}; "
+            f"quarantined {r.rows_quarantined:,}")

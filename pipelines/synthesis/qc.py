@@ -39,27 +39,73 @@ weights; 0.86 with ``false_negative_weight`` 0.9, at no measurable cost).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import ray
+from pydantic import Field
 from ray.data import ActorPoolStrategy
 
 from ...actors import minhash
 from ...actors.nearest_reference import NEAREST, SIMILARITY, NearestReference
-from .. import corpus
-from ..corpus import (READ_TASK_CPUS, SUPPORTED_SUFFIXES, CorpusSpec, drop_internal_columns, read_corpus,
-                     reading_cpus, without_operator_reservations)
-from .outcomes import acceptance_rate, kept_diversity, outcome_rows
+from .. import corpus, paths
+from ..corpus import (READ_TASK_CPUS, SUPPORTED_SUFFIXES, CorpusSpec, drop_internal_columns, read_corpus, reading_cpus,
+                      without_operator_reservations)
 from ..paths import expand_inputs
-from ..recipe import DecontaminateConfig, QcConfig
-from .references import References, load_reference_texts, read_records, references_of
 from ..report import markdown_table, write_report
 from ..resources import cluster_cpus
 from ..rundir import QUARANTINE_PARTS, StageDir, StageError, count_parquet_rows, gather_quarantine
+from ..schema import InputPaths, Strict
+from ..stage import Stage, StageClock, check_inputs
 from ..unique_ids import make_ids_unique
+from .diversity import DiversityConfig
+from .outcomes import OutcomeReport, acceptance_rate, kept_diversity, outcome_rows, outcome_summary
+from .references import References, load_reference_texts, read_records, references_of
+
+
+class NearDedupConfig(Strict):
+    """MinHash/LSH near-duplicate detection on word shingles."""
+    enabled: bool = Field(True, description="Drop near-duplicates within the set and of references.")
+    threshold: float = Field(0.85, gt=0, le=1, description="Jaccard similarity of shingle sets at or above which two "
+                                                           "texts are near-duplicates (CRAFT: 85%).")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations.")
+    shingle_words: int = Field(3, ge=1, le=10, description="Words per shingle.")
+    seed: int = Field(1, description="Seed of the MinHash permutations.")
+    false_negative_weight: float = Field(
+        0.5, gt=0, lt=1, description="LSH bands and rows minimise this x the missed pairs above the threshold + "
+        "(1 - this) x the candidate pairs below it (0.5: datasketch's choice). Candidates are verified, so a higher "
+        "value finds more near-duplicates at the cost of verifying more pairs.")
+
+
+class DecontaminateConfig(Strict):
+    """Drop samples sharing an n-gram with an evaluation item (GPT-3 / Llama style decontamination)."""
+    eval_files: InputPaths = Field(description="Evaluation sets (JSONL/Parquet) that must not leak into training data.")
+    eval_fields: Optional[list[str]] = Field(None, description="Fields of an eval row whose text is checked; null = "
+                                             "every string field.")
+    ngram: int = Field(13, ge=3, le=50, description="Words per n-gram (13: GPT-3's choice).")
+
+
+class QcConfig(Strict):
+    """Quality control: exact and near-duplicates (within the set and against references), decontamination against
+    evaluation sets, similarity to references; every removal counted by reason."""
+    input: Optional[InputPaths] = Field(None, description="Samples to check (JSONL/Parquet); null = this run's "
+                                                        "synthesize output.")
+    text_field: str = Field("text", description="Field holding the text.")
+    id_field: str = Field("id", description="Field holding a row id (rows without one get FILE:LINE; a repeated "
+                                            "id becomes ID#k).")
+    exact_dedup: bool = Field(True, description="Drop exact duplicates (normalised text).")
+    near_dedup: NearDedupConfig = NearDedupConfig()
+    references: Optional[InputPaths] = Field(None, description="Reference samples (e.g. the few-shots): samples that "
+                                           "near-duplicate one are dropped; null = synthesize's references.")
+    reference_fields: Optional[list[str]] = Field(None, description="Fields of a reference joined into its text; "
+                                                  "null = as for synthesize.")
+    decontaminate: Optional[DecontaminateConfig] = None
+    max_reference_similarity: Optional[float] = Field(None, gt=0, le=1, description="Drop samples whose embedding "
+                                                      "cosine to the closest reference is at least this; null = off.")
+    batch_size: int = Field(1024, gt=0, description="Rows per hashing batch.")
+    diversity: DiversityConfig = DiversityConfig()
 
 REASONS = ("duplicate_of_reference", "contaminated", "similar_to_reference", "exact_duplicate", "near_duplicate")
 QC_REASON, QC_DETAIL = "qc_reason", "qc_detail"
@@ -373,7 +419,7 @@ def near_duplicate_clusters(pairs: np.ndarray, estimates: np.ndarray, threshold:
 # --------------------------------------------------------------------------------------------------- the stage
 def run_qc(cfg: QcConfig, stage: StageDir, upstream: str | None = None,
            references: References | None = None) -> dict:
-    started = time.perf_counter()
+    clock = StageClock()
     inputs = check_qc(cfg, references, upstream)  # a bad eval file or field fails here, before any work
     if not inputs.paths:
         raise QcError("qc.input: no samples to check (name qc.input, or run synthesize before qc)")
@@ -387,25 +433,24 @@ def run_qc(cfg: QcConfig, stage: StageDir, upstream: str | None = None,
                                               near.false_negative_weight) if near.enabled else (0, 0)
     cpus = cluster_cpus()
     _, cut_blocks = reading_cpus(cpus)
-    phases: dict[str, float] = {}
 
     # pass 1: hashing, on the cluster; compact columns back. With as many files as CPUs or more, each file is read
     # and hashed in one task (no block crosses the object store); with fewer, reads are cut into blocks of
     # batch_size rows that hashing tasks share out.
-    shared = ray.put(_shared_tables(cfg, inputs))
-    cut = cut_blocks and len(files) < cpus
-    with without_operator_reservations():
-        facts = _collect(read_corpus(spec, num_cpus=READ_TASK_CPUS if cut else None,
-                                     quarantine_dir=stage.child(QUARANTINE_PARTS),
-                                     rows_per_block=cfg.batch_size if cut else None)
-                         .map_batches(HashRows(cfg, bands, rows_per_band, shared), batch_size=cfg.batch_size,
-                                      batch_format="pyarrow"))
-    quarantine = gather_quarantine(stage, "samples")
-    if facts is not None:
-        facts = facts.take(pa.array(np.argsort(facts.column(corpus.ORDER).to_numpy(), kind="stable")))
-    n = 0 if facts is None else facts.num_rows
-    order = np.zeros(0, np.int64) if facts is None else facts.column(corpus.ORDER).to_numpy()
-    phases["hashing"] = time.perf_counter() - started
+    with clock.phase("hashing"):
+        shared = ray.put(_shared_tables(cfg, inputs))
+        cut = cut_blocks and len(files) < cpus
+        with without_operator_reservations():
+            facts = _collect(read_corpus(spec, num_cpus=READ_TASK_CPUS if cut else None,
+                                         quarantine_dir=stage.child(QUARANTINE_PARTS),
+                                         rows_per_block=cfg.batch_size if cut else None)
+                             .map_batches(HashRows(cfg, bands, rows_per_band, shared), batch_size=cfg.batch_size,
+                                          batch_format="pyarrow"))
+        quarantine = gather_quarantine(stage, "samples")
+        if facts is not None:
+            facts = facts.take(pa.array(np.argsort(facts.column(corpus.ORDER).to_numpy(), kind="stable")))
+        n = 0 if facts is None else facts.num_rows
+        order = np.zeros(0, np.int64) if facts is None else facts.column(corpus.ORDER).to_numpy()
 
     decisions = Decisions(n)
     if n:
@@ -419,46 +464,42 @@ def run_qc(cfg: QcConfig, stage: StageDir, upstream: str | None = None,
             decisions.drop(hit, "contaminated", item[hit], facts.column(EVAL_WORDS).to_numpy()[hit])
 
     if n and cfg.max_reference_similarity is not None and inputs.reference_texts:
-        t = time.perf_counter()
-        alive = decisions.alive()
-        similarity, nearest = _reference_similarity(cfg, spec, order, alive, inputs.reference_texts, cpus, cut_blocks)
-        close = similarity >= cfg.max_reference_similarity
-        decisions.drop(alive[close], "similar_to_reference", nearest[close], similarity[close])
-        phases["reference_similarity"] = time.perf_counter() - t
+        with clock.phase("reference_similarity"):
+            alive = decisions.alive()
+            similarity, nearest = _reference_similarity(cfg, spec, order, alive, inputs.reference_texts, cpus,
+                                                        cut_blocks)
+            close = similarity >= cfg.max_reference_similarity
+            decisions.drop(alive[close], "similar_to_reference", nearest[close], similarity[close])
 
-    t = time.perf_counter()
-    named, ids, near_stats = _deduplicate(cfg, spec, order, facts, decisions, bands)
-    phases["deduplication"] = time.perf_counter() - t
+    with clock.phase("deduplication"):
+        named, ids, near_stats = _deduplicate(cfg, spec, order, facts, decisions, bands)
 
     # writing: kept rows, and dropped rows with their reason and detail, read back from the input
-    t = time.perf_counter()
-    data_uri, dropped_uri = stage.child("data"), stage.child("dropped")
-    kept_rows = decisions.alive()
-    gone = np.flatnonzero(decisions.reason > 0)
-    details = _details(decisions, gone, cfg, inputs, named, ids)
-    with without_operator_reservations():
-        if len(kept_rows):
-            (read_corpus(spec, only_rows=pa.table({corpus.ORDER: pa.array(order[kept_rows])}))
-                .map_batches(drop_internal_columns, batch_format="pyarrow", batch_size=None)
-                .write_parquet(data_uri))
-        if len(gone):
-            (read_corpus(spec, only_rows=pa.table({
-                corpus.ORDER: pa.array(order[gone]),
-                QC_REASON: pa.array([REASONS[r - 1] for r in decisions.reason[gone].tolist()], pa.string()),
-                QC_DETAIL: pa.array(details, pa.string())}))
-                .map_batches(drop_internal_columns, batch_format="pyarrow", batch_size=None)
-                .write_parquet(dropped_uri))
-    written, written_dropped = count_parquet_rows(data_uri), count_parquet_rows(dropped_uri)
-    ids_renamed = make_ids_unique([data_uri, dropped_uri], cfg.id_field)
-    if (written, written_dropped) != (len(kept_rows), len(gone)):
-        raise QcError(f"qc: wrote {written} kept and {written_dropped} dropped rows for {len(kept_rows)} and "
-                      f"{len(gone)}: the input changed while qc ran ({', '.join(spec.paths)})")
-    phases["writing"] = time.perf_counter() - t
-    checked = time.perf_counter() - started
-
-    t = time.perf_counter()
-    diversity, diversity_lines = kept_diversity(stage, cfg.text_field, inputs.reference_texts, cfg.diversity)
-    phases["diversity"] = time.perf_counter() - t
+    with clock.phase("writing"):
+        data_uri, dropped_uri = stage.child("data"), stage.child("dropped")
+        kept_rows = decisions.alive()
+        gone = np.flatnonzero(decisions.reason > 0)
+        details = _details(decisions, gone, cfg, inputs, named, ids)
+        with without_operator_reservations():
+            if len(kept_rows):
+                (read_corpus(spec, only_rows=pa.table({corpus.ORDER: pa.array(order[kept_rows])}))
+                    .map_batches(drop_internal_columns, batch_format="pyarrow", batch_size=None)
+                    .write_parquet(data_uri))
+            if len(gone):
+                (read_corpus(spec, only_rows=pa.table({
+                    corpus.ORDER: pa.array(order[gone]),
+                    QC_REASON: pa.array([REASONS[r - 1] for r in decisions.reason[gone].tolist()], pa.string()),
+                    QC_DETAIL: pa.array(details, pa.string())}))
+                    .map_batches(drop_internal_columns, batch_format="pyarrow", batch_size=None)
+                    .write_parquet(dropped_uri))
+        written, written_dropped = count_parquet_rows(data_uri), count_parquet_rows(dropped_uri)
+        ids_renamed = make_ids_unique([data_uri, dropped_uri], cfg.id_field)
+        if (written, written_dropped) != (len(kept_rows), len(gone)):
+            raise QcError(f"qc: wrote {written} kept and {written_dropped} dropped rows for {len(kept_rows)} and "
+                          f"{len(gone)}: the input changed while qc ran ({', '.join(spec.paths)})")
+    checked = clock.seconds()
+    with clock.phase("diversity"):
+        diversity, diversity_lines = kept_diversity(stage, cfg.text_field, inputs.reference_texts, cfg.diversity)
     counts = np.bincount(decisions.reason, minlength=len(REASONS) + 1)
     rows_in = n + len(quarantine)
     report = {
@@ -475,8 +516,7 @@ def run_qc(cfg: QcConfig, stage: StageDir, upstream: str | None = None,
             "short_items_min_words": SHORT_ITEM_MIN_WORDS, "short_items": int(len(inputs.eval.short_hashes))},
         "diversity": diversity,
         "docs_per_second": round(rows_in / max(checked, 1e-9), 1),
-        "seconds_by_phase": {k: round(v, 3) for k, v in phases.items()},
-        "seconds": round(time.perf_counter() - started, 3),
+        **clock.timings(),
         "outputs": {"data": data_uri, "dropped": dropped_uri, "quarantine": stage.child("quarantine.jsonl")},
     }
     write_report(stage, report, render_markdown(report, diversity_lines))
@@ -624,3 +664,33 @@ def render_markdown(report: dict, diversity_lines: list[str]) -> str:
         ("documents / second", report["docs_per_second"]), ("seconds", report["seconds"])]
     return "\n".join(["# qc — quality control", "", markdown_table(rows), "",
                       "Dropped rows, with `qc_reason` and `qc_detail`, are in `dropped/`.", "", *diversity_lines, ""])
+
+
+def _qc_context(recipe) -> dict:
+    """What qc reads when its section names no input (this run's synthesize output) and the references it
+    compares with when it names none (synthesize's)."""
+    from .synthesize import default_references
+
+    references = default_references(recipe.synthesize) if recipe.synthesize is not None else None
+    return {"upstream": paths.join(recipe.run_dir, "synthesize", "data"), "references": references}
+
+
+class Qc(Stage):
+    name, config, report = "qc", QcConfig, OutcomeReport
+    help = ("Quality control: exact and near-duplicates, decontamination against evaluation sets, similarity to "
+            "references.")
+
+    def check_recipe(self, cfg: QcConfig, recipe) -> None:
+        if cfg.input is None and recipe.synthesize is None:
+            raise ValueError("qc.input: required unless the recipe has a synthesize section")
+
+    def preflight(self, cfg: QcConfig, recipe) -> None:
+        if cfg.input is not None:
+            check_inputs("qc.input", cfg.input)
+        check_qc(cfg, _qc_context(recipe)["references"])
+
+    def run(self, cfg: QcConfig, stage: StageDir, recipe) -> dict:
+        return run_qc(cfg, stage, **_qc_context(recipe))
+
+    def summary(self, r: OutcomeReport) -> str:
+        return outcome_summary("qc", r)

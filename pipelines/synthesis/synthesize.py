@@ -9,21 +9,76 @@ are in ``quarantine.jsonl``. Prompts and the templates behind them are checked b
 from __future__ import annotations
 
 import json
-import time
+from typing import Any, Literal, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from pydantic import Field, field_validator, model_validator
 
-from . import craft, domino, trait
+from ...actors.engines import SamplingParams
 from ..corpus import ORDER, READ_TASK_CPUS, CorpusSpec, read_corpus, without_operator_reservations
-from .generate import EnginePool
-from .outcomes import (DROP_DETAIL, DROP_REASON, acceptance_rate, finish_outcomes, kept_diversity, outcome_rows,
-                       sample_column)
-from ..recipe import SynthesizeConfig
-from .references import References, load_reference_texts, read_records, references_of
 from ..report import markdown_table, token_histogram_png, write_report
 from ..rundir import QUARANTINE_PARTS, StageDir, StageError
+from ..schema import InputPath, InputPaths
+from ..stage import Stage, StageClock, check_inputs, check_model
+from . import craft, domino, trait
+from .craft import CraftConfig
+from .diversity import DiversityConfig
+from .domino import DominoConfig
+from .generate import EnginePool, EnginePoolConfig, sampling_overrides
+from .outcomes import (DROP_DETAIL, DROP_REASON, OutcomeReport, acceptance_rate, finish_outcomes, kept_diversity,
+                       outcome_rows, outcome_summary, sample_column)
+from .references import References, load_reference_texts, read_records, references_of
+from .trait import TraitConfig
+
+METHOD_SAMPLING = {  # the papers' settings
+    "craft": {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "max_tokens": 1024},
+    "trait": {"temperature": 0.7, "top_p": 0.9, "max_tokens": 2048},
+    "domino": {"temperature": 0.8, "max_tokens": 1024},
+}
+
+
+class SynthesizeConfig(EnginePoolConfig):
+    """The synthesis stage: one of the three methods, through the batch-generation engines."""
+    method: Literal["craft", "trait", "domino"] = Field(description="The synthesis method.")
+    template: Optional[InputPath] = Field(None, description="A Jinja2 prompt template replacing the method's default "
+                                                      "(pipelines/synthesis/templates/).")
+    system_prompt: Optional[str] = Field(None, description="craft/trait: a system message before each prompt.")
+    sampling: dict[str, Any] = Field(default_factory=dict, description="Overrides of the method's sampling defaults "
+                                     "(craft: T 0.7, top_p 0.9, top_k 40; trait: T 0.7, top_p 0.9; domino: T 0.8).")
+    structured_output: bool = Field(True, description="craft/trait: constrain the output to the JSON schema "
+                                                      "(vLLM structured outputs / xgrammar); false = ask in words.")
+    max_field_chars: Optional[int] = Field(None, gt=0, description="craft/trait: longest string field in the JSON "
+                                                                   "(maxLength); null = unbounded.")
+    references: Optional[InputPaths] = Field(None, description="Reference samples the report measures closeness to "
+                                           "(JSONL); null = craft's few-shots or trait's examples.")
+    reference_fields: Optional[list[str]] = Field(None, description="Fields of a reference joined into its text; "
+                                                  "null = craft: the few-shots' instruction and output, else 'text'.")
+    craft: Optional[CraftConfig] = None
+    trait: Optional[TraitConfig] = None
+    domino: Optional[DominoConfig] = None
+    diversity: DiversityConfig = DiversityConfig()
+
+    @field_validator("sampling")
+    @classmethod
+    def _sampling_is_valid(cls, value: dict) -> dict:
+        sampling_overrides(value, {})
+        return value
+
+    @model_validator(mode="after")
+    def _method_section(self) -> "SynthesizeConfig":
+        if self.method == "craft" and self.craft is None:
+            self.craft = CraftConfig()
+        if self.method == "trait" and self.trait is None:
+            raise ValueError("method trait needs a trait section (at least trait.examples)")
+        if self.method == "domino" and self.domino is None:
+            raise ValueError("method domino needs a domino section (at least domino.soft_prompt)")
+        return self
+
+    @property
+    def effective_sampling(self) -> SamplingParams:
+        return sampling_overrides(self.sampling, METHOD_SAMPLING[self.method])
 
 PROMPT, SCHEMA, SEED = "_prompt", "_json_schema", "_seed"
 
@@ -186,7 +241,7 @@ def _blocks(table: pa.Table, rows_per_block: int | None) -> ray.data.Dataset:
 
 
 def run_synthesize(cfg: SynthesizeConfig, stage: StageDir) -> dict:
-    started = time.perf_counter()
+    clock = StageClock()
     pool = EnginePool.plan(cfg, "synthesize")
     parts = stage.child(QUARANTINE_PARTS)
     params = cfg.effective_sampling
@@ -231,7 +286,7 @@ def run_synthesize(cfg: SynthesizeConfig, stage: StageDir) -> dict:
         details = {"num_samples": cfg.domino.num_samples, "soft_prompt": cfg.domino.soft_prompt,
                    "respond": cfg.domino.respond}
     kept, dropped, quarantined, rows_in, ids_renamed = finish_outcomes(samples, stage, "synthesize")
-    generating = time.perf_counter() - started
+    generating = clock.seconds()
     references = default_references(cfg)
     reference_texts = load_reference_texts(references, "synthesize.references") if references else None
     diversity, diversity_lines = kept_diversity(stage, "text", reference_texts, cfg.diversity)
@@ -244,7 +299,7 @@ def run_synthesize(cfg: SynthesizeConfig, stage: StageDir) -> dict:
         "model": cfg.model, "engine": cfg.engine, "sampling": params.model_dump(exclude_none=True, exclude={"json_schema"}),
         "structured_output": cfg.structured_output, "diversity": diversity,
         "samples_per_second": round(rows_in / max(generating, 1e-9), 2),
-        "seconds": round(time.perf_counter() - started, 3),
+        **clock.timings(),
         "outputs": {"data": stage.child("data"), "dropped": stage.child("dropped"),
                     "quarantine": stage.child("quarantine.jsonl")},
     }
@@ -298,3 +353,37 @@ def _embed(texts: list[str], model: str):
     from ..curation.embed import embed_texts
 
     return embed_texts(texts, model)
+
+
+class SynthesizeReport(OutcomeReport):
+    method: str
+
+
+class Synthesize(Stage):
+    name, config, report = "synthesize", SynthesizeConfig, SynthesizeReport
+    help = "Task data written by an LLM: CRAFT task samples, TRAIT task-oriented passages or DOMINO samples."
+
+    def check_recipe(self, cfg: SynthesizeConfig, recipe) -> None:
+        craft_cfg = cfg.craft if cfg.method == "craft" else None
+        if craft_cfg is None:
+            return
+        if craft_cfg.documents is None and recipe.retrieve is None:
+            raise ValueError("synthesize.craft.documents: required unless the recipe has a retrieve section "
+                             "(then craft rewrites retrieve's output)")
+        if craft_cfg.few_shots is None:
+            if recipe.retrieve is None:
+                raise ValueError("synthesize.craft.few_shots: required unless the recipe has a retrieve section "
+                                 "(then retrieve.few_shots are used)")
+            craft_cfg.few_shots = list(recipe.retrieve.few_shots)
+
+    def preflight(self, cfg: SynthesizeConfig, recipe) -> None:
+        check_model("synthesize.model", cfg.model)
+        if cfg.method == "craft" and recipe.retrieve is None:  # with retrieve, this run writes the documents
+            check_inputs("synthesize.craft.documents", cfg.craft.documents)
+        check_synthesize(cfg)
+
+    def run(self, cfg: SynthesizeConfig, stage: StageDir, recipe) -> dict:
+        return run_synthesize(cfg, stage)
+
+    def summary(self, r: SynthesizeReport) -> str:
+        return outcome_summary(f"synthesize ({r.method})", r)

@@ -13,13 +13,54 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Optional
 
 import numpy as np
 import pyarrow as pa
+from pydantic import Field, model_validator
 
+from ..schema import InputPaths, ModelRef, Strict
 from .prompts import PromptTemplate, check_renders, load_template
-from ..recipe import SynthesizeConfig, TraitConfig
 from .references import read_records
+
+if TYPE_CHECKING:
+    from .synthesize import SynthesizeConfig
+
+
+class TraitConfig(Strict):
+    """TRAIT: problems of different downstream tasks grouped by a shared entity or shared knowledge; one passage per
+    group (the problems, a paragraph solving each, an enlightenment paragraph on what they share)."""
+    examples: InputPaths = Field(description="Downstream-task problems (JSONL/Parquet), one per row.")
+    problem_field: str = Field("question", description="Field holding the problem.")
+    answer_field: Optional[str] = Field("answer", description="Field with the reference answer; null = none.")
+    task_field: Optional[str] = Field("task", description="Field naming each problem's task (a passage mixes "
+                                                          "tasks); null = all one task.")
+    id_field: str = Field("id", description="Field holding a row id (rows without one get FILE:LINE; a repeated "
+                                            "id becomes ID#k).")
+    grouping: Literal["entity", "knowledge"] = Field(
+        "knowledge", description="entity: problems sharing entity_field's value; knowledge: embedding neighbours.")
+    entity_field: Optional[str] = Field(None, description="entity grouping: the field holding the shared entity.")
+    group_size: int = Field(3, ge=2, le=8, description="Problems per passage (at most).")
+    min_group_size: int = Field(2, ge=1, description="A group with fewer problems makes no passage.")
+    min_similarity: float = Field(0.3, ge=-1, le=1, description="knowledge: cosine similarity a problem needs to "
+                                                                "join a group.")
+    embedding_model: ModelRef = Field("all-MiniLM-L6-v2", description="knowledge grouping and documents: "
+                                                                 "sentence-transformers id or path.")
+    documents: Optional[InputPaths] = Field(None, description="Optional reference documents (e.g. retrieve's output): "
+                                                            "each group's prompt gets the closest one.")
+    document_field: str = Field("text", description="Field holding a document's text.")
+    max_document_chars: int = Field(2000, gt=0, description="A longer document is cut to this in the prompt.")
+    max_problem_chars: int = Field(2000, gt=0, description="A longer problem is cut to this in the prompt.")
+    min_solution_chars: int = Field(20, ge=1, description="Shortest solution paragraph kept.")
+    min_enlightenment_chars: int = Field(40, ge=1, description="Shortest enlightenment paragraph kept.")
+
+    @model_validator(mode="after")
+    def _entity_needs_a_field(self) -> "TraitConfig":
+        if self.grouping == "entity" and not self.entity_field:
+            raise ValueError("grouping entity needs entity_field (the field holding the shared entity)")
+        if self.min_group_size > self.group_size:
+            raise ValueError(f"min_group_size ({self.min_group_size}) is above group_size ({self.group_size})")
+        return self
 
 TEMPLATE_VARIABLES = {"problems", "entity", "document", "json_format"}
 REQUIRED_VARIABLES = {"problems"}

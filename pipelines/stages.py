@@ -1,0 +1,15 @@
+"""The stages, in the order a run takes them. A new stage is a module with its config, its ``Stage`` subclass and
+its report, plus one entry here; the recipe gets its section, the runner and preflight run it, the CLI summarises
+it and docs/recipe-reference.md documents it (``python -m domainsynth.pipelines.reference``)."""
+
+from .curation.embed import Embed
+from .curation.index import Index
+from .curation.retrieve import Retrieve
+from .curation.select import Select
+from .synthesis.generate import Generate
+from .synthesis.judge import Judge
+from .synthesis.qc import Qc
+from .synthesis.synthesize import Synthesize
+
+# qc before judge: dropping duplicates is cheap, a judgment is an LLM call per row.
+STAGES = (Select(), Embed(), Index(), Retrieve(), Generate(), Synthesize(), Qc(), Judge())
