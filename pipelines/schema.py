@@ -42,6 +42,9 @@ InputPaths = Annotated[list[str], BeforeValidator(_as_list), Field(min_length=1)
 InputPath = Annotated[str, INPUT]
 # A Hugging Face id or a model folder.
 ModelRef = Annotated[str, MODEL]
+# The field of an input row that holds its id (every stage that reads rows has one).
+IdField = Annotated[str, Field(description="Field holding a row id (rows without one get FILE:LINE; a repeated id "
+                                           "becomes ID#k).")]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from ..paths import expand_inputs
 from ..report import markdown_table, write_report
 from ..resources import cluster_cpus, cluster_gpus
 from ..rundir import QUARANTINE_PARTS, StageDir, StageError, gather_quarantine
-from ..schema import InputPaths, ModelRef, Strict
+from ..schema import IdField, InputPaths, ModelRef, Strict
 from ..stage import Stage, StageClock, StageReport, check_inputs
 from ..unique_ids import make_ids_unique
 
@@ -28,8 +28,7 @@ class EmbedConfig(Strict):
     corpus: Optional[InputPaths] = Field(None, description="Documents to embed: files, directories or globs, local "
                                                          "or URIs; null = this run's select output.")
     text_field: str = Field("text", description="Field holding the text.")
-    id_field: str = Field("id", description="Field holding a row id (rows without one get FILE:LINE; a repeated "
-                                            "id becomes ID#k).")
+    id_field: IdField = "id"
     model: ModelRef = Field("all-MiniLM-L6-v2", description="sentence-transformers id or path (default bundled).")
     batch_size: int = Field(64, gt=0, description="Texts per forward pass.")
     max_seq_length: Optional[int] = Field(256, gt=0, description="Tokens per text; null = the model's own.")

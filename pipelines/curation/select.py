@@ -35,7 +35,7 @@ from ..corpus import (READ_TASK_CPUS, CorpusSpec, drop_internal_columns, read_co
 from ..report import markdown_table, score_histogram_png, write_report
 from ..resources import cluster_cpus
 from ..rundir import StageDir, StageError, count_parquet_rows, read_file_bytes
-from ..schema import InputPath, InputPaths, PathRole, Strict
+from ..schema import IdField, InputPath, InputPaths, PathRole, Strict
 from ..stage import Stage, StageClock, StageReport, check_file, check_inputs
 from ..unique_ids import make_ids_unique
 
@@ -82,8 +82,7 @@ class SelectConfig(Strict):
     text_field: str = Field("text", description="Field holding the text.")
     in_domain_text_field: Optional[str] = Field(None, description="Text field of the in-domain file; "
                                                                   "null = text_field.")
-    id_field: str = Field("id", description="Field holding a row id (rows without one get FILE:LINE; a repeated "
-                                            "id becomes ID#k).")
+    id_field: IdField = "id"
     negatives: Optional[InputPaths] = Field(None, description="General-text negatives; null = sample the corpus.")
     negatives_sample: int = Field(20_000, gt=0, description="How many negatives to train on.")
     classifier: Optional[InputPath] = Field(None, description="A trained fastText model to reuse instead of training.")

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from ..schema import InputPaths, Strict
+from ..schema import IdField, InputPaths, Strict
 from .prompts import PromptTemplate, check_renders, load_template
 from .references import read_records
 
@@ -30,8 +30,7 @@ class CraftConfig(Strict):
     documents: Optional[InputPaths] = Field(None, description="Documents to rewrite (JSONL/Parquet); null = this "
                                                             "run's retrieve output.")
     document_field: str = Field("text", description="Field holding a document's text.")
-    id_field: str = Field("id", description="Field holding a row id (rows without one get FILE:LINE; a repeated "
-                                            "id becomes ID#k).")
+    id_field: IdField = "id"
     few_shots: Optional[InputPaths] = Field(None, description="The task's examples (CRAFT's Text/Instruction/Output "
                                                             "JSONL); null = retrieve.few_shots.")
     few_shot_fields: dict[Literal["text", "instruction", "output"], str] = Field(

@@ -33,7 +33,9 @@ def distinct_n(words: list[list[str]], n: int) -> float | None:
 
 
 def _embedding_measures(texts: list[str], references: list[str] | None, model: str) -> dict:
-    from ..curation.embed import embed_texts  # one Ray task, one model load for samples and references
+    from ..curation.embed import (
+        embed_texts,  # one Ray task, one model load for samples and references
+    )
 
     vectors = embed_texts(texts + list(references or []), model).astype(np.float64)
     vectors, reference_vectors = vectors[:len(texts)], vectors[len(texts):]

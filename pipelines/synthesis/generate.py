@@ -21,7 +21,7 @@ from ..corpus import (READ_TASK_CPUS, CorpusSpec, drop_internal_columns, read_co
 from ..report import markdown_table, token_histogram_png, write_report
 from ..resources import cluster_cpus, cluster_gpus
 from ..rundir import QUARANTINE_PARTS, StageDir, StageError, gather_quarantine, write_quarantine_part
-from ..schema import InputPath, InputPaths, ModelRef, Strict
+from ..schema import IdField, InputPath, InputPaths, ModelRef, Strict
 from ..stage import Stage, StageClock, StageReport, check_inputs, check_model, check_soft_prompt
 from ..unique_ids import make_ids_unique
 
@@ -54,8 +54,7 @@ class GenerateConfig(EnginePoolConfig):
     """Batch generation over Ray Data: one row per completion, from a file of prompts."""
     prompts: InputPaths = Field(description="Prompts (JSONL/Parquet), one per row.")
     prompt_field: str = Field("prompt", description="Field holding the prompt.")
-    id_field: str = Field("id", description="Field holding a row id (rows without one get FILE:LINE; a repeated "
-                                            "id becomes ID#k).")
+    id_field: IdField = "id"
     chat: bool = Field(False, description="Send each prompt as a user message through the model's chat template.")
     system_prompt: Optional[str] = Field(None, description="chat: a system message before each prompt.")
     soft_prompt: Optional[InputPath] = Field(None, description="A soft prompt placed before every prompt (PEFT "

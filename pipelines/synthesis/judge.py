@@ -16,7 +16,7 @@ from .. import paths
 from ..corpus import READ_TASK_CPUS, CorpusSpec, read_corpus
 from ..report import _png, _pyplot, markdown_table, write_report
 from ..rundir import QUARANTINE_PARTS, StageDir
-from ..schema import InputPath, InputPaths
+from ..schema import IdField, InputPath, InputPaths
 from ..stage import Stage, StageClock, check_inputs, check_model
 from .diversity import DiversityConfig
 from .generate import EnginePool, EnginePoolConfig
@@ -33,8 +33,7 @@ class JudgeConfig(EnginePoolConfig):
     input: Optional[InputPaths] = Field(None, description="Samples to judge (JSONL/Parquet); null = this run's qc "
                                                         "output, else its synthesize output.")
     text_field: str = Field("text", description="The field the judge reads.")
-    id_field: str = Field("id", description="Field holding a row id (rows without one get FILE:LINE; a repeated "
-                                            "id becomes ID#k).")
+    id_field: IdField = "id"
     template: Optional[InputPath] = Field(None, description="A Jinja2 judge template replacing the default.")
     system_prompt: Optional[str] = Field(None, description="A system message before each prompt.")
     threshold: Literal[RATINGS] = Field("excellent", description="Keep samples rated at least this.")

@@ -57,7 +57,7 @@ from ..paths import expand_inputs
 from ..report import markdown_table, write_report
 from ..resources import cluster_cpus
 from ..rundir import QUARANTINE_PARTS, StageDir, StageError, count_parquet_rows, gather_quarantine
-from ..schema import InputPaths, Strict
+from ..schema import IdField, InputPaths, Strict
 from ..stage import Stage, StageClock, check_inputs
 from ..unique_ids import make_ids_unique
 from .diversity import DiversityConfig
@@ -93,8 +93,7 @@ class QcConfig(Strict):
     input: Optional[InputPaths] = Field(None, description="Samples to check (JSONL/Parquet); null = this run's "
                                                         "synthesize output.")
     text_field: str = Field("text", description="Field holding the text.")
-    id_field: str = Field("id", description="Field holding a row id (rows without one get FILE:LINE; a repeated "
-                                            "id becomes ID#k).")
+    id_field: IdField = "id"
     exact_dedup: bool = Field(True, description="Drop exact duplicates (normalised text).")
     near_dedup: NearDedupConfig = NearDedupConfig()
     references: Optional[InputPaths] = Field(None, description="Reference samples (e.g. the few-shots): samples that "

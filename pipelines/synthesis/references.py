@@ -29,7 +29,13 @@ def read_records(specs: list[str], what: str) -> list[tuple[str, int, dict]]:
     """Every row of JSONL/Parquet ``specs`` as (file, line, record); ``what`` names the recipe field in errors."""
     import pyarrow.parquet as pq
 
-    from ..corpus import LONE_SURROGATE, PARQUET_SUFFIXES, SUPPORTED_SUFFIXES, has_lone_surrogate, open_lines
+    from ..corpus import (
+        LONE_SURROGATE,
+        PARQUET_SUFFIXES,
+        SUPPORTED_SUFFIXES,
+        has_lone_surrogate,
+        open_lines,
+    )
 
     try:
         fs, files = expand_inputs(specs, SUPPORTED_SUFFIXES)

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from ..schema import InputPaths, ModelRef, Strict
+from ..schema import IdField, InputPaths, ModelRef, Strict
 from .prompts import PromptTemplate, check_renders, load_template
 from .references import read_records
 
@@ -35,8 +35,7 @@ class TraitConfig(Strict):
     answer_field: Optional[str] = Field("answer", description="Field with the reference answer; null = none.")
     task_field: Optional[str] = Field("task", description="Field naming each problem's task (a passage mixes "
                                                           "tasks); null = all one task.")
-    id_field: str = Field("id", description="Field holding a row id (rows without one get FILE:LINE; a repeated "
-                                            "id becomes ID#k).")
+    id_field: IdField = "id"
     grouping: Literal["entity", "knowledge"] = Field(
         "knowledge", description="entity: problems sharing entity_field's value; knowledge: embedding neighbours.")
     entity_field: Optional[str] = Field(None, description="entity grouping: the field holding the shared entity.")
