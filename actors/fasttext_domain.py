@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
 
 IN_DOMAIN_LABEL = "__label__in"
@@ -150,9 +149,7 @@ def predict_normalised(model, lines: list[str]) -> np.ndarray:
 class FastTextDomainScorer:
     """Ray Data actor: adds ``domain_score`` = P(in-domain) to each batch; rows without text get null."""
 
-    def __init__(self, model_bytes, text_field: str):
-        if isinstance(model_bytes, ray.ObjectRef):  # shipped once through the object store, not per actor
-            model_bytes = ray.get(model_bytes)
+    def __init__(self, model_bytes: bytes, text_field: str):
         self.model = load_model(model_bytes)
         self.text_field = text_field
 

@@ -15,6 +15,7 @@ In every mode the Hugging Face progress bars and tqdm bars of the workers are of
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import re
@@ -213,8 +214,7 @@ def _ray_data_console(level: int) -> Iterator[None]:
     logging configuration (RAY_DATA_LOGGING_CONFIG) is left as it is."""
     handlers = []
     if "RAY_DATA_LOGGING_CONFIG" not in os.environ:
-        import ray.data  # noqa: F401  (configures the "ray.data" logger on import)
-
+        importlib.import_module("ray.data")  # configures the "ray.data" logger on import
         handlers = [h for h in logging.getLogger("ray.data").handlers
                     if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
     levels = [h.level for h in handlers]

@@ -24,6 +24,7 @@ import ray
 from ray.data.datasource import FileBasedDatasource
 
 from .paths import InputFile, expand_inputs
+from .resources import retry_limits_allowed
 from .rundir import write_quarantine_part
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
@@ -575,7 +576,7 @@ def read_corpus(spec: CorpusSpec, num_cpus: float | None = None, only_rows: pa.T
     # One read task per file: the datasource already streams each file in blocks, and Ray Data's splitting of read
     # outputs into many smaller blocks (to reach its default parallelism) only adds per-block costs downstream
     # (and one output file per block when writing).
-    with _bounded_retries_allowed():
+    with retry_limits_allowed():
         dataset = ray.data.read_datasource(datasource, num_cpus=num_cpus, override_num_blocks=n_files,
                                            ray_remote_args={"max_retries": READ_TASK_RETRIES})
     if rows_per_block is None:
@@ -583,7 +584,7 @@ def read_corpus(spec: CorpusSpec, num_cpus: float | None = None, only_rows: pa.T
     # Ray Data's streaming repartition cuts the blocks; it fuses with a map before it into one task, which keeps the
     # repartition's resources (SPLIT_TASK_CPUS): stages that read this way leave that much free beside their actor
     # pools (see reading_cpus), or the task would never be scheduled.
-    with _bounded_retries_allowed():
+    with retry_limits_allowed():
         cut = dataset.map_batches(_unchanged, batch_size=rows_per_block, batch_format="pyarrow",
                                   max_retries=READ_TASK_RETRIES)
     return cut.repartition(target_num_rows_per_block=rows_per_block)
@@ -593,15 +594,26 @@ def _unchanged(batch: pa.Table) -> pa.Table:
     return batch
 
 
-@contextlib.contextmanager
-def _bounded_retries_allowed():
-    """Ray 2.60 deprecates ``ray_remote_args`` in favour of named parameters, but names none for ``max_retries``:
-    until it does, the bounded retries above go through it, without the warning on every read."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        yield
+def estimate_rows(paths: list[str]) -> int:
+    """Rows in a file set, estimated from file sizes and the rows per byte of the first file (its Parquet footer, or
+    the lines in the head of a JSONL file): enough to size samples and blocks without reading everything."""
+    fs, files = expand_inputs(paths, SUPPORTED_SUFFIXES)
+    sizes = [fs.get_file_info(f.path).size or 0 for f in files]
+    first = files[0].path
+    if first.endswith(PARQUET_SUFFIXES):
+        with fs.open_input_file(first) as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
+        return int(rows * sum(sizes) / max(sizes[0], 1))
+    with fs.open_input_stream(first, compression=None) as raw:
+        head = raw.read(1 << 22)
+    consumed = len(head)
+    if first.endswith(".gz"):  # lines per *compressed* byte, from a partial decompression of the head
+        try:
+            head = zlib.decompressobj(wbits=31).decompress(head)
+        except zlib.error:  # a corrupt file: its read quarantines it; the estimate only sizes a sample
+            pass
+    lines = max(head.count(b"\n"), 1)
+    return int(sum(sizes) * lines / max(consumed, 1))
 
 
 def read_texts_locally(spec: CorpusSpec, limit: int | None = None) -> tuple[list[str], list[dict]]:

@@ -9,7 +9,9 @@ and what is up now is what there is.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
 
 import ray
 
@@ -76,3 +78,14 @@ def _cluster_config():
                   file=sys.stderr)
             _warned = True
         return None
+
+
+@contextlib.contextmanager
+def retry_limits_allowed():
+    """Ray 2.60 deprecates ``ray_remote_args`` in favour of named parameters, but names none for the retry limits
+    (``max_retries`` of tasks, ``max_restarts``/``max_task_retries`` of actors): until it does, the stages' bounded
+    retries go through it, without the deprecation warning on every dataset."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        yield
+

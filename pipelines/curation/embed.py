@@ -80,10 +80,15 @@ def run_embed(cfg: EmbedConfig, stage: StageDir) -> dict:
     _, files = expand_inputs(spec.paths, SUPPORTED_SUFFIXES)
     data_uri, parts_uri = stage.child("data"), stage.child(QUARANTINE_PARTS)
     # Embedding costs ~1,000x more per row than reading, and Ray Data hands whole blocks to actors: blocks of a few
-    # batches spread the work over every actor (one 4,096-row read block would keep one actor busy for minutes).
+    # batches spread the work over every actor (one 4,096-row read block would keep one actor busy for minutes); a
+    # smaller corpus is cut into one block per actor, and one of fewer batches than actors gets an actor per batch
+    # (each actor loads the model: an idle one is waste).
+    rows = corpus.estimate_rows(spec.paths)
+    actors = max(1, min(actors, -(-rows // cfg.batch_size)))
     rows_per_call = cfg.batch_size * FORWARD_PASSES_PER_CALL
+    rows_per_block = max(cfg.batch_size, min(rows_per_call, -(-rows // actors)))
     (read_corpus(spec, num_cpus=READ_TASK_CPUS, quarantine_dir=parts_uri,
-                 rows_per_block=rows_per_call if cut_blocks else None)
+                 rows_per_block=rows_per_block if cut_blocks else None)
         .map_batches(SentenceEmbedder,
                      fn_constructor_kwargs={"model": cfg.model, "text_field": cfg.text_field,
                                             "keep_columns": [cfg.id_field, corpus.ORDER], "batch_size": cfg.batch_size,
@@ -91,7 +96,7 @@ def run_embed(cfg: EmbedConfig, stage: StageDir) -> dict:
                                             "torch_threads": max(1, round(cpus_per_actor))},
                      compute=ActorPoolStrategy(size=actors),
                      num_cpus=cpus_per_actor, num_gpus=cfg.num_gpus or None,
-                     batch_size=rows_per_call, batch_format="pyarrow")
+                     batch_size=rows_per_block, batch_format="pyarrow")
         .write_parquet(data_uri))
     seconds_embedding = clock.seconds()
     ids_renamed = make_ids_unique([data_uri], cfg.id_field)

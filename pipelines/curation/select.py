@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-import zlib
 from typing import Annotated, Optional
 
 import numpy as np
@@ -128,7 +127,7 @@ def sample_negatives(cfg: SelectConfig, n: int, seed: int) -> list[str]:
         texts, _ = read_texts_locally(CorpusSpec(cfg.negatives, cfg.text_field, cfg.id_field))
         return random.Random(seed).sample(texts, min(n, len(texts)))
     ds = read_corpus(CorpusSpec(cfg.corpus, cfg.text_field, cfg.id_field))
-    estimated_rows = estimate_rows(cfg)
+    estimated_rows = corpus.estimate_rows(cfg.corpus)
     fraction = min(1.0, 1.5 * n / max(estimated_rows, 1))
     if fraction < 1.0:
         ds = ds.random_sample(fraction, seed=seed)
@@ -145,32 +144,9 @@ def _texts_only(batch: pa.Table, text_field: str) -> pa.Table:
     return pa.table({"text": batch.filter(valid).column(text_field)})
 
 
-def estimate_rows(cfg: SelectConfig) -> int:
-    """Rows in the corpus, estimated from file sizes and the bytes per row of the first file's head."""
-    from ..paths import expand_inputs
-
-    fs, files = expand_inputs(cfg.corpus, corpus.SUPPORTED_SUFFIXES)
-    sizes = [fs.get_file_info(f.path).size or 0 for f in files]
-    first = files[0].path
-    if first.endswith(corpus.PARQUET_SUFFIXES):
-        import pyarrow.parquet as pq
-
-        with fs.open_input_file(first) as f:
-            rows = pq.ParquetFile(f).metadata.num_rows
-        return int(rows * sum(sizes) / max(sizes[0], 1))
-    with fs.open_input_stream(first, compression=None) as raw:
-        head = raw.read(1 << 22)
-    consumed = len(head)
-    if first.endswith(".gz"):  # lines per *compressed* byte, from a partial decompression of the head
-        try:
-            head = zlib.decompressobj(wbits=31).decompress(head)
-        except zlib.error:  # a corrupt file: its read quarantines it; the estimate only sizes a sample
-            pass
-    lines = max(head.count(b"\n"), 1)
-    return int(sum(sizes) * lines / max(consumed, 1))
-
-
-def obtain_classifier(cfg: SelectConfig, stage: StageDir, quarantine: list[dict]) -> tuple[bytes, dict]:
+def obtain_classifier(cfg: SelectConfig, stage: StageDir, quarantine: list[dict]) -> tuple[str, dict]:
+    """The classifier (the recipe's, or one trained on in_domain against sampled negatives), written to the stage's
+    folder: its URI there, and what the report says of it."""
     if cfg.classifier:
         model_bytes = read_file_bytes(cfg.classifier)
         info = {"reused": cfg.classifier}
@@ -191,7 +167,7 @@ def obtain_classifier(cfg: SelectConfig, stage: StageDir, quarantine: list[dict]
         model_bytes, info = trained.model_bytes, trained.metrics
         info["in_domain_rows_quarantined"] = len(bad)
     stage.write_bytes(CLASSIFIER_FILE, model_bytes)
-    return model_bytes, info
+    return stage.child(CLASSIFIER_FILE), info
 
 
 def _too_few_negatives(cfg: SelectConfig, found: int) -> str:
@@ -232,10 +208,11 @@ def keep_score_columns(batch: pa.Table) -> pa.Table:
 class SelectionScorer:
     """Ray Data actor for the scoring pass. It loads the fastText model once and adds ``domain_score``, the exact-dedup
     key and the token count (all from one normalisation of the text) and, with the heuristic scorer,
-    ``quality_score``; only the few columns the choice needs leave the actor."""
+    ``quality_score``; only the few columns the choice needs leave the actor. It reads the classifier from the
+    stage's folder, so that an actor Ray restarts finds it again (an object-store argument may be gone by then)."""
 
-    def __init__(self, model_bytes, text_field: str, heuristic_quality: bool, keep_text: bool):
-        self.domain = FastTextDomainScorer(model_bytes, text_field)
+    def __init__(self, classifier_uri: str, text_field: str, heuristic_quality: bool, keep_text: bool):
+        self.domain = FastTextDomainScorer(read_file_bytes(classifier_uri), text_field)
         self.quality = HeuristicQualityScorer(text_field) if heuristic_quality else None
         self.text_field = text_field
         self.keep_text = keep_text
@@ -270,14 +247,16 @@ def scorer_pool_size(cfg: SelectConfig, cluster_cpus: int) -> int:
     return max(1, min(cluster_cpus, fit))
 
 
-def score_corpus(cfg: SelectConfig, model_bytes: bytes, actors: int) -> pa.Table:
+def score_corpus(cfg: SelectConfig, classifier_uri: str, actors: int) -> pa.Table:
     uses_hf = cfg.quality.scorer.startswith("hf:")
     ds = read_corpus(CorpusSpec(cfg.corpus, cfg.text_field, cfg.id_field), num_cpus=READ_TASK_CPUS)
     ds = ds.map_batches(
         SelectionScorer,
-        fn_constructor_kwargs={"model_bytes": ray.put(model_bytes), "text_field": cfg.text_field,
+        fn_constructor_kwargs={"classifier_uri": classifier_uri, "text_field": cfg.text_field,
                                "heuristic_quality": cfg.quality.scorer == "heuristic", "keep_text": uses_hf},
-        compute=ActorPoolStrategy(size=actors),
+        # All the actors start at once, but a small corpus read in fewer blocks than actors leaves some idle: a pool
+        # of 1..actors says so to Ray Data (a fixed size it would warn about).
+        compute=ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors),
         num_cpus=SCORER_ACTOR_CPUS,
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
@@ -350,9 +329,9 @@ def run_select(cfg: SelectConfig, stage: StageDir) -> dict:
     quarantine: list[dict] = []
     scoring_actors = scorer_pool_size(cfg, cluster_cpus())  # a recipe asking for more than fits fails before work
     with clock.phase("classifier"):
-        model_bytes, classifier_info = obtain_classifier(cfg, stage, quarantine)
+        classifier_uri, classifier_info = obtain_classifier(cfg, stage, quarantine)
     with clock.phase("read_and_score"):
-        scores = score_corpus(cfg, model_bytes, scoring_actors)
+        scores = score_corpus(cfg, classifier_uri, scoring_actors)
     with clock.phase("choose"):
         keep_mask, filtered, chosen = choose_rows(scores, cfg)
     with clock.phase("write"):

@@ -19,7 +19,7 @@ from .. import corpus
 from ..corpus import (READ_TASK_CPUS, CorpusSpec, drop_internal_columns, read_corpus, reading_cpus,
                       without_operator_reservations)
 from ..report import markdown_table, token_histogram_png, write_report
-from ..resources import cluster_cpus, cluster_gpus
+from ..resources import cluster_cpus, cluster_gpus, retry_limits_allowed
 from ..rundir import QUARANTINE_PARTS, StageDir, StageError, gather_quarantine, write_quarantine_part
 from ..schema import IdField, InputPath, InputPaths, ModelRef, Strict
 from ..stage import Stage, StageClock, StageReport, check_inputs, check_model, check_soft_prompt
@@ -150,24 +150,25 @@ class EnginePool:
         if cfg.engine == "transformers" and not cfg.num_gpus:
             # torch threads are what the actor asked for, rounded, at least one: a 0.375-CPU actor uses a core.
             engine_options.setdefault("torch_threads", max(1, round(self.cpus_per_actor)))
-        return rows.map_batches(
-            GenerateBatch,
-            fn_constructor_kwargs={
-                "model": cfg.model, "engine": cfg.engine, "engine_options": engine_options,
-                "params": params.model_dump(), "prompt_field": prompt_field, "chat": chat,
-                "system_prompt": system_prompt, "soft_prompt": soft_prompt,
-                "on_failure": QuarantineFailedRows(parts_uri, quarantine_name),
-                "failure_columns": (corpus.SOURCE_FILE, corpus.SOURCE_LINE, corpus.ORDER),
-                "schema_column": schema_column, "seed_column": seed_column},
-            # Unset concurrency: start with every actor that fits now (they are free: a ramp from one would leave
-            # them idle while the first works); a set [min, max] starts at min.
-            compute=ActorPoolStrategy(min_size=self.low, max_size=self.high,
-                                      initial_size=self.high if cfg.concurrency is None else self.low),
-            num_cpus=self.cpus_per_actor, num_gpus=cfg.num_gpus or None,
-            # An actor that dies is restarted and its batch retried, but not forever (Ray Data's default): one that
-            # keeps dying (out of memory, a crashing device) fails the stage, naming the cause.
-            max_restarts=ENGINE_RESTARTS, max_task_retries=ENGINE_RESTARTS,
-            batch_size=cfg.batch_size, batch_format="pyarrow")
+        with retry_limits_allowed():
+            return rows.map_batches(
+                GenerateBatch,
+                fn_constructor_kwargs={
+                    "model": cfg.model, "engine": cfg.engine, "engine_options": engine_options,
+                    "params": params.model_dump(), "prompt_field": prompt_field, "chat": chat,
+                    "system_prompt": system_prompt, "soft_prompt": soft_prompt,
+                    "on_failure": QuarantineFailedRows(parts_uri, quarantine_name),
+                    "failure_columns": (corpus.SOURCE_FILE, corpus.SOURCE_LINE, corpus.ORDER),
+                    "schema_column": schema_column, "seed_column": seed_column},
+                # Unset concurrency: start with every actor that fits now (they are free: a ramp from one would leave
+                # them idle while the first works); a set [min, max] starts at min.
+                compute=ActorPoolStrategy(min_size=self.low, max_size=self.high,
+                                          initial_size=self.high if cfg.concurrency is None else self.low),
+                num_cpus=self.cpus_per_actor, num_gpus=cfg.num_gpus or None,
+                # An actor that dies is restarted and its batch retried, but not forever (Ray Data's default): one that
+                # keeps dying (out of memory, a crashing device) fails the stage, naming the cause.
+                max_restarts=ENGINE_RESTARTS, max_task_retries=ENGINE_RESTARTS,
+                batch_size=cfg.batch_size, batch_format="pyarrow")
 
 
 def run_generate(cfg: GenerateConfig, stage: StageDir) -> dict:
