@@ -8,8 +8,10 @@ import json
 
 import numpy as np
 import pyarrow.dataset as pads
+import pytest
 
 from domainsynth.actors.embedding import arrow_to_vectors, encode, load_sentence_model
+from domainsynth.pipelines.curation.embed import FORWARD_PASSES_PER_CALL, blocks_for_actors
 from domainsynth.pipelines.recipe import build_recipe
 from domainsynth.pipelines.runner import run_recipe
 
@@ -27,6 +29,7 @@ def test_embed_writes_one_normalised_vector_per_usable_row(ray_local, general_po
     report = run_recipe(recipe, echo=lambda _: None)["embed"]
 
     assert (report["rows_in"], report["rows_out"], report["rows_quarantined"]) == (122, 120, 2)
+    assert report["actors"] == 2  # 122 rows: one block of 61 for each of the two CPUs' actors
     quarantine = [json.loads(l) for l in (tmp_path / "run" / "embed" / "quarantine.jsonl").read_text().splitlines()]
     assert [(q["file"], q["line"]) for q in quarantine] == [("b.jsonl", 61), ("b.jsonl", 62)]
     table = pads.dataset(str(tmp_path / "run" / "embed" / "data")).to_table()
@@ -40,6 +43,17 @@ def test_embed_writes_one_normalised_vector_per_usable_row(ray_local, general_po
     by_id = {r["id"]: r["text"] for r in rows}
     expected = encode(model, [by_id[i] for i in table.column("id").to_pylist()], 16).astype(np.float32)
     np.testing.assert_allclose(vectors, expected, atol=2e-3)
+
+
+@pytest.mark.parametrize("rows, actors, expected", [
+    (100_000, 4, (4, 16 * FORWARD_PASSES_PER_CALL)),  # a large corpus: blocks of a few forward passes
+    (100, 2, (2, 50)),                                # smaller than that: one block per actor
+    (20, 4, (2, 16)),                                 # fewer batches than actors: an actor per batch
+    (5, 2, (1, 16)),
+    (0, 2, (1, 16)),
+])
+def test_a_small_corpus_is_cut_so_that_every_actor_works_and_none_idles(rows, actors, expected):
+    assert blocks_for_actors(rows, actors, batch_size=16) == expected
 
 
 def test_embed_vectors_match_sentence_transformers_itself(ray_local, general_pool, medical_abstracts, tmp_path):

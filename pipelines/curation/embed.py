@@ -66,6 +66,15 @@ def embedder_pool(cfg: EmbedConfig, cluster_cpus: int) -> tuple[int, float]:
     return actors, cpus
 
 
+def blocks_for_actors(rows: int, actors: int, batch_size: int) -> tuple[int, int]:
+    """(actors, rows per block) for a corpus of about ``rows``. Embedding costs ~1,000x more per row than reading,
+    and Ray Data hands whole blocks to actors: blocks of a few batches spread the work over every actor (one
+    4,096-row read block would keep one actor busy for minutes); a smaller corpus is cut into one block per actor, and
+    one of fewer batches than actors gets an actor per batch (each actor loads the model: an idle one is waste)."""
+    actors = max(1, min(actors, -(-rows // batch_size)))
+    return actors, max(batch_size, min(batch_size * FORWARD_PASSES_PER_CALL, -(-rows // actors)))
+
+
 def corpus_paths(cfg: EmbedConfig, stage: StageDir) -> list[str]:
     """The recipe's corpus, or (when it names none) the select stage's output in the same run."""
     return cfg.corpus or [stage.sibling("select", "data")]
@@ -79,14 +88,7 @@ def run_embed(cfg: EmbedConfig, stage: StageDir) -> dict:
     spec = CorpusSpec(corpus_paths(cfg, stage), cfg.text_field, cfg.id_field)
     _, files = expand_inputs(spec.paths, SUPPORTED_SUFFIXES)
     data_uri, parts_uri = stage.child("data"), stage.child(QUARANTINE_PARTS)
-    # Embedding costs ~1,000x more per row than reading, and Ray Data hands whole blocks to actors: blocks of a few
-    # batches spread the work over every actor (one 4,096-row read block would keep one actor busy for minutes); a
-    # smaller corpus is cut into one block per actor, and one of fewer batches than actors gets an actor per batch
-    # (each actor loads the model: an idle one is waste).
-    rows = corpus.estimate_rows(spec.paths)
-    actors = max(1, min(actors, -(-rows // cfg.batch_size)))
-    rows_per_call = cfg.batch_size * FORWARD_PASSES_PER_CALL
-    rows_per_block = max(cfg.batch_size, min(rows_per_call, -(-rows // actors)))
+    actors, rows_per_block = blocks_for_actors(corpus.estimate_rows(spec.paths), actors, cfg.batch_size)
     (read_corpus(spec, num_cpus=READ_TASK_CPUS, quarantine_dir=parts_uri,
                  rows_per_block=rows_per_block if cut_blocks else None)
         .map_batches(SentenceEmbedder,
