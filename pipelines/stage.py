@@ -111,8 +111,17 @@ def check_inputs(field: str, specs: list[str]) -> None:
 
 
 def check_model(field: str, model: str) -> None:
-    """A model given as a path must be there; anything else is taken for a Hugging Face id (resolved by the
-    engine, on the cluster)."""
+    """A model given as a path must be there; a model this project makes (``smollm2``) is made now, once, in the
+    model cache (its package missing is an error naming the install command); anything else is taken for a Hugging
+    Face id (resolved by the engine, on the cluster)."""
+    from ..actors import smollm2
+
+    if model.lower() in smollm2.NAMES:
+        try:
+            smollm2.smollm2_folder()
+        except smollm2.ModelUnavailable as e:
+            raise FileNotFoundError(f"{field}: {e}") from None
+        return
     if not (os.path.isabs(model) or model.startswith(("./", "../", "~"))):
         return
     folder = os.path.expanduser(model)

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from domainsynth.cluster.cli import demo_model
-from domainsynth.cluster.model_cache import CACHE_ENV, cache_dir, cached_model
+from domainsynth.actors.model_cache import CACHE_ENV, cache_dir, cached_model
 
 
 def test_the_demo_model_is_made_once_in_the_cache_not_in_the_current_directory(tmp_path, monkeypatch, capsys):
