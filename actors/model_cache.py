@@ -22,9 +22,16 @@ def cache_dir() -> str:
 
 def cached_model(name: str, make: Callable[[str], object]) -> tuple[str, bool]:
     """The folder of model ``name`` under the cache's ``models/``, made by ``make(folder)`` the first time; and
-    whether it was made now. It is made in a hidden sibling folder and moved into place, so an interrupted make
-    leaves no half-written model that a later run would take for a finished one."""
-    folder = os.path.join(cache_dir(), "models", name)
+    whether it was made now."""
+    return model_folder(os.path.join(cache_dir(), "models", name), make)
+
+
+def model_folder(folder: str, make: Callable[[str], object]) -> tuple[str, bool]:
+    """``folder``, made by ``make(folder)`` unless it holds a model already; and whether it was made now. It is made
+    in a hidden sibling folder and moved into place, so an interrupted make leaves no half-written model that a
+    later run would take for a finished one."""
+    folder = os.path.abspath(folder)
+    name = os.path.basename(folder)
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder, False
     os.makedirs(os.path.dirname(folder), exist_ok=True)

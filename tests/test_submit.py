@@ -71,7 +71,11 @@ class RayHead:
 
     def stop(self) -> None:
         # `ray start --block` does not always finish on SIGTERM: give it a few seconds, then kill the group, then
-        # anything of this head that left the group.
+        # anything this head started that left the group (its processes, by pid, taken before the signals).
+        try:
+            started = psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            started = []
         for sig, grace in ((signal.SIGTERM, 8), (signal.SIGKILL, 2)):
             try:
                 os.killpg(self.process.pid, sig)
@@ -81,12 +85,14 @@ class RayHead:
                 self.process.wait(grace)
             except subprocess.TimeoutExpired:
                 continue
-        for proc in psutil.process_iter(["cmdline"]):
-            if any(self.temp_dir in part for part in proc.info["cmdline"] or ()):
+        for proc in started:
+            try:
                 proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(started, timeout=5)
         self.log.close()
-        assert not [p for p in psutil.process_iter(["cmdline"])
-                    if any(self.temp_dir in part for part in p.info["cmdline"] or ())]
+        assert not alive, alive
 
 
 def _bearer() -> dict:
