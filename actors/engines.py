@@ -236,6 +236,9 @@ class TransformersEngine(Engine):
                          streamer=None):
         """The generated token ids (``len(prompts) * n`` rows) and each prompt's token count."""
         import torch
+        from transformers import LogitsProcessorList
+
+        from .sampling import SampleAsLastProcessor
 
         self.check_prefix(prefix)
         embed = self.model.get_input_embeddings()
@@ -259,19 +262,18 @@ class TransformersEngine(Engine):
             if params.seed is not None:  # a derived seed (seed + offset) may pass 2**64 - 1, torch's largest
                 torch.manual_seed(params.seed % 2**64)
             temperature = effective_temperature(params.temperature)
-            sampling = temperature > 0
-            # Greedy decoding gives every copy the same text, and transformers refuses num_return_sequences > 1
-            # without sampling: decode once and repeat it n times, as vLLM answers greedy n > 1.
-            copies = params.n if sampling else 1
+            processors = self._json_constraint(params.json_schema) if params.json_schema else LogitsProcessorList()
+            copies = 1  # greedy decoding gives every copy the same text: decode once, repeat it n times (as vLLM)
+            if temperature > 0:  # sampled: our sampler draws, last, and greedy decoding emits what it drew
+                processors.append(SampleAsLastProcessor(temperature, params.top_p, params.top_k))
+                copies = params.n
+                inputs, mask = inputs.repeat_interleave(copies, dim=0), mask.repeat_interleave(copies, dim=0)
             out = self.model.generate(
-                inputs_embeds=inputs, attention_mask=mask, max_new_tokens=params.max_tokens,
-                do_sample=sampling, temperature=temperature if sampling else None,
-                top_p=params.top_p if sampling else None, top_k=params.top_k if sampling else None,
-                num_return_sequences=copies, pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id, stop_strings=params.stop or None,
-                tokenizer=self.tokenizer if params.stop else None,
-                logits_processor=self._json_constraint(params.json_schema) if params.json_schema else None,
-                streamer=streamer)
+                inputs_embeds=inputs, attention_mask=mask, max_new_tokens=params.max_tokens, do_sample=False,
+                temperature=None, top_p=None, top_k=None,  # not the model's generation-config values: ours decide
+                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                stop_strings=params.stop or None, tokenizer=self.tokenizer if params.stop else None,
+                logits_processor=processors, streamer=streamer)
         if copies != params.n:
             out = out.repeat_interleave(params.n, dim=0)
         return out, lengths

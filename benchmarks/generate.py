@@ -1,11 +1,13 @@
 """Benchmark: batch generation through our stack (`domainsynth generate`: Ray Data, an actor pool of engines) against
-the same engine called directly in one process, on the same prompts with the same sampling settings.
+the loop a user would write without it (transformers' `model.generate` in one process; with --engine vllm, vLLM's
+`LLM.generate`), on the same prompts, batch size, sampling settings and CPUs, in the same run.
 
 Prompts are the openings of the bundled PubMedQA abstracts. The model is the tiny Llama made here unless --model
-names another (any Hugging Face causal LM folder; --engine vllm on a GPU machine). Prints generated tokens per second
-for both and their ratio: end to end (the CLI, Ray start-up included) and the stage alone.
+names another (`smollm2`, or any Hugging Face causal LM folder; --engine vllm on a GPU machine). Prints generated
+tokens per second for both and their ratio: end to end (model loading, and for ours Ray's start-up, included) and
+generation alone.
 
-    python benchmarks/generate.py --prompts 512 --max-tokens 64
+    python benchmarks/generate.py --model smollm2 --prompts 256 --max-tokens 32
 """
 
 from __future__ import annotations
@@ -28,15 +30,38 @@ from common import timed
 REPO = Path(__file__).resolve().parent.parent
 ABSTRACTS = REPO / "tests" / "data" / "pubmedqa_abstracts.jsonl.gz"
 
+# What a user would write with transformers alone: the model in one process (torch's default threads: every CPU),
+# left-padded batches, model.generate with the same sampling settings. Tokens are counted up to each row's EOS.
 BASELINE = """
 import json, sys, time
-from domainsynth.actors.engines import SamplingParams, load_engine
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 prompts = [json.loads(line)["prompt"] for line in open(sys.argv[1], encoding="utf-8")]
-params = SamplingParams.model_validate_json(sys.argv[2])
-batch, engine = int(sys.argv[3]), load_engine(sys.argv[4], sys.argv[5])
+sampling, batch, model_dir = json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+torch.manual_seed(sampling["seed"])
+pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 tokens, started = 0, time.perf_counter()
 for i in range(0, len(prompts), batch):
-    tokens += sum(c.completion_tokens for row in engine.generate(prompts[i:i + batch], params) for c in row)
+    inputs = tokenizer(prompts[i:i + batch], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=sampling["max_tokens"], do_sample=True, pad_token_id=pad,
+                             temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"])
+    for row in out[:, inputs.input_ids.shape[1]:].tolist():
+        ends = [row.index(t) for t in (tokenizer.eos_token_id, pad) if t in row]
+        tokens += min(ends) if ends else len(row)
+print(json.dumps({"tokens": tokens, "seconds": time.perf_counter() - started}))
+"""
+BASELINE_VLLM = """
+import json, sys, time
+from vllm import LLM, SamplingParams
+prompts = [json.loads(line)["prompt"] for line in open(sys.argv[1], encoding="utf-8")]
+sampling, batch, model_dir = json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+llm, params = LLM(model_dir), SamplingParams(**sampling)
+tokens, started = 0, time.perf_counter()
+for i in range(0, len(prompts), batch):
+    tokens += sum(len(c.token_ids) for out in llm.generate(prompts[i:i + batch], params) for c in out.outputs)
 print(json.dumps({"tokens": tokens, "seconds": time.perf_counter() - started}))
 """
 
@@ -70,24 +95,29 @@ def main() -> None:
         model = str(make_tiny_llama(work / "tiny-llama"))
     prompts = work / "prompts.jsonl"
     write_prompts(prompts, args.prompts)
-    # EOS is never sampled by a random tiny model in practice, but temperature 0.8 with a seed keeps both sides
-    # writing comparable lengths with any model; tokens are counted, not assumed.
-    params = {"max_tokens": args.max_tokens, "temperature": 0.8, "top_p": 0.95, "seed": 0}
+    # Both sides sample the same distribution (a real model's rows end at EOS at different lengths: tokens are
+    # counted, not assumed). top_k 50 is transformers' default: the baseline is the loop a user writes as it comes.
+    params = {"max_tokens": args.max_tokens, "temperature": 0.8, "top_p": 0.95, "top_k": 50, "seed": 0}
     print(f"{args.prompts:,} prompts, max_tokens {args.max_tokens}, batch {args.batch_size}, model {model} "
           f"({args.engine}); {os.cpu_count()} CPUs")
 
-    base_s, base_peak, out = timed([sys.executable, "-c", BASELINE, str(prompts), json.dumps(params),
-                                    str(args.batch_size), model, args.engine])
+    from domainsynth.actors.smollm2 import resolve_model
+
+    model = resolve_model(model)  # a name such as smollm2 becomes its folder (converted now, outside both timings)
+    baseline = BASELINE if args.engine == "transformers" else BASELINE_VLLM
+    base_s, base_peak, out = timed([sys.executable, "-c", baseline, str(prompts), json.dumps(params),
+                                    str(args.batch_size), model])
     base = json.loads(out.strip().splitlines()[-1])
     base_rate = base["tokens"] / base["seconds"]
-    print(f"baseline (engine.generate in 1 process, torch's default threads): {base_s:.1f}s end to end, "
-          f"{base['tokens'] / base_s:,.1f} tokens/s; generation alone {base_rate:,.1f} tokens/s "
+    print(f"baseline (plain {args.engine} generate loop, 1 process, torch's default threads): {base_s:.1f}s end to "
+          f"end, {base['tokens'] / base_s:,.1f} tokens/s; generation alone {base_rate:,.1f} tokens/s "
           f"({base['tokens']:,} tokens); peak RSS {base_peak:,.0f} MiB")
 
     run = work / "run"
     cmd = [sys.executable, "-m", "domainsynth.cluster.cli", "generate", "--prompts", str(prompts), "--model", model,
            "--engine", args.engine, "--out", str(run), "--max-tokens", str(args.max_tokens), "--temperature", "0.8",
-           "--seed", "0", "--set", f"generate.batch_size={args.batch_size}", "--set", "generate.sampling.top_p=0.95"]
+           "--seed", "0", "--set", f"generate.batch_size={args.batch_size}", "--set", "generate.sampling.top_p=0.95",
+           "--set", "generate.sampling.top_k=50"]
     for item in args.overrides:
         cmd += ["--set", item]
     stage_s, stage_peak, _ = timed(cmd)
