@@ -36,7 +36,11 @@ def truncated_distribution(scores, temperature: float, top_p: float = 1.0, top_k
         # The nucleus is inside the candidates when they reach top_p, or when they hold every allowed token.
         inside = (before[:, -1] + probs[:, -1] >= top_p) | torch.isneginf(top[:, -1]) | (look == keep)
         if top_p < 1.0 and bool(inside.all()):
-            probs = probs.masked_fill(before >= top_p, 0.0)  # keep a token while less than top_p precedes it
+            # Keep a token while less than top_p precedes it, and always the likeliest (as transformers'
+            # min_tokens_to_keep=1): a top_p below float32's smallest value would otherwise cut every token.
+            cut = before >= top_p
+            cut[:, 0] = False
+            probs = probs.masked_fill(cut, 0.0)
             break
         look = keep  # some row's nucleus (or top_p 1 with a wide top-k) reaches past the candidates: look at all
     return ids, probs / probs.sum(dim=-1, keepdim=True)

@@ -99,8 +99,17 @@ def soft_prompt_file(tmp_path_factory, tiny_llama) -> str:
 
 
 def free_port() -> int:
-    import socket
+    return free_ports(1)[0]
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports. The sockets stay bound until all are picked: closed one at a time,
+    the OS may hand the same port out twice (a Ray head then refuses to start, two components on one port)."""
+    import socket
+    from contextlib import ExitStack
+
+    with ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]

@@ -46,3 +46,14 @@ def test_the_processor_leaves_one_drawn_token_and_draws_by_the_distribution():
     expected = reference_probabilities(scores[:1], 1.0, 0.9, 0)[0]
     assert frequencies[4] == 0 and frequencies[3] == 0  # outside the nucleus
     assert torch.allclose(frequencies, expected, atol=0.015)
+
+
+@pytest.mark.parametrize("top_p", [1e-300, 1e-9, 1e-3])
+def test_a_vanishing_top_p_keeps_the_likeliest_token_as_transformers_does(top_p):
+    """top_p may be any positive float the endpoint accepts; one below float32's smallest value once cut every
+    token (a division by zero, then a 500)."""
+    scores = torch.randn(3, 1000, generator=torch.Generator().manual_seed(1)) * 2.0
+    ids, probs = truncated_distribution(scores, 1.0, top_p, 0)
+    assert torch.equal(ids[:, 0], scores.argmax(dim=-1))
+    assert torch.equal(probs[:, 0], torch.ones(3)) and float(probs[:, 1:].sum()) == 0.0
+    assert torch.allclose(dense(ids, probs, 1000), reference_probabilities(scores, 1.0, top_p, 0), atol=1e-6)

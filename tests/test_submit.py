@@ -21,7 +21,7 @@ import yaml
 from domainsynth.cluster import staging as staging_api
 from domainsynth.pipelines.recipe import build_recipe, load_recipe
 
-from conftest import free_port
+from conftest import free_port, free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -35,11 +35,11 @@ class RayHead:
     def __init__(self, auth_mode: str):
         # Short: Ray's unix sockets live under it and their paths have a length limit.
         self.temp_dir = tempfile.mkdtemp(prefix="dsr-", dir="/tmp")
-        self.dashboard_port = free_port()
-        ports = {"port": free_port(), "dashboard-port": self.dashboard_port, "ray-client-server-port": free_port(),
-                 "dashboard-agent-listen-port": free_port(), "dashboard-agent-grpc-port": free_port(),
-                 "metrics-export-port": free_port(), "runtime-env-agent-port": free_port(),
-                 "node-manager-port": free_port(), "object-manager-port": free_port()}
+        names = ["port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+                 "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port", "node-manager-port",
+                 "object-manager-port"]
+        ports = dict(zip(names, free_ports(len(names))))
+        self.dashboard_port = ports["dashboard-port"]
         # The job's driver runs with the head's environment: PATH finds this environment's `domainsynth`.
         env = {**os.environ, "RAY_AUTH_MODE": auth_mode, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
         env.pop("RAY_ADDRESS", None)
