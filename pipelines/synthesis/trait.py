@@ -20,7 +20,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from ..schema import IdField, InputPaths, ModelRef, Strict
-from .prompts import PromptTemplate, check_renders, load_template
+from .prompts import PromptTemplate, check_renders, copied_placeholder, load_template
 from .references import read_records
 
 if TYPE_CHECKING:
@@ -194,6 +194,9 @@ def validate(sample: dict, size: int, cfg: TraitConfig) -> tuple[str, str] | Non
     if not isinstance(solutions, list) or not isinstance(enlightenment, str) or set(sample) - {"solutions",
                                                                                             "enlightenment"}:
         return "wrong_format", "expected {solutions: [...], enlightenment: ...} and nothing else"
+    copied = copied_placeholder(sample, JSON_FORMAT)
+    if copied is not None:
+        return "placeholder", f"copies the answer form's placeholder: {copied[:60]!r}"
     if len(solutions) != size:
         return "wrong_solution_count", f"{len(solutions)} solutions for {size} problems"
     for i, s in enumerate(solutions, 1):
