@@ -8,7 +8,7 @@ from typing import Callable
 from . import paths
 from .recipe import Recipe
 from .rundir import StageDir, StageError
-from .stage import StageReport, check_model, check_soft_prompt
+from .stage import Stage, StageReport, check_model, check_soft_prompt
 
 
 class StageFailed(StageError):
@@ -58,12 +58,15 @@ def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print) -> dict[str,
     the stage's report type)."""
     reports = {}
     input_digests: dict[str, str] = {}  # each stage's inputs looked at once per run (listings, small-file hashes)
+    summaries: dict[str, str] = {}  # each finished stage's summary line, to explain an empty output downstream
     for stage, cfg in recipe.configured_stages():
         name = stage.name
         folder = StageDir(paths.join(recipe.run_dir, name))
+        check_upstream_kept_rows(recipe, stage, cfg, reports, summaries)
         fingerprint = recipe.stage_fingerprint(name, input_digests)
         if folder.completed_with(fingerprint):
-            reports[name] = stage.report.model_validate(folder.read_json("report.json")).model_dump(mode="json")
+            report = stage.report.model_validate(folder.read_json("report.json"))
+            reports[name], summaries[name] = report.model_dump(mode="json"), stage.summary(report)
             echo(f"[{name}] already complete in {folder.uri} (recipe and inputs unchanged): skipped")
             continue
         # Anything left by an interrupted attempt is removed: the stage is redone, never appended to.
@@ -82,9 +85,25 @@ def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print) -> dict[str,
                 raise StageFailed(name, e) from e
             raise
         folder.mark_complete(fingerprint)
-        reports[name] = report.model_dump(mode="json")
+        reports[name], summaries[name] = report.model_dump(mode="json"), stage.summary(report)
         echo(f"[{name}] finished in {report.seconds:,.1f}s")
     return reports
+
+
+def check_upstream_kept_rows(recipe: Recipe, stage: Stage, cfg, reports: dict[str, dict],
+                             summaries: dict[str, str]) -> None:
+    """Stop before ``stage`` when it reads an earlier stage's output that kept no rows (a folder with no files, which
+    would otherwise fail as a missing input): the error says which stage emptied it and why."""
+    from .recipe import input_lists
+
+    reads = [(field, spec) for field, specs in input_lists(recipe, stage.name) for spec in specs]
+    reads += list(stage.upstream(cfg, recipe).items())
+    for field, spec in reads:
+        for upstream, report in reports.items():
+            if report["rows_out"] == 0 and spec == paths.join(recipe.run_dir, upstream, "data"):
+                raise StageError(f"{field}: {upstream} kept no rows, so {stage.name} has nothing to read "
+                                 f"({summaries[upstream]}); its dropped rows and report.md are in "
+                                 f"{paths.join(recipe.run_dir, upstream)}")
 
 
 def skipped_inputs(recipe: Recipe, name: str) -> dict[str, list[dict]]:

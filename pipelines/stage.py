@@ -86,6 +86,11 @@ class Stage:
     def preflight(self, cfg, recipe: "Recipe") -> None:
         """Everything that can fail before any work starts: inputs readable, models there, templates render."""
 
+    def upstream(self, cfg, recipe: "Recipe") -> dict[str, str]:
+        """``{field: folder}``: the earlier stages' ``data`` folders this stage reads when a field naming its input
+        is unset (the runner stops before a stage whose upstream kept no rows, saying which one emptied it)."""
+        return {}
+
     def run(self, cfg, stage: StageDir, recipe: "Recipe") -> dict:
         raise NotImplementedError
 

@@ -68,7 +68,7 @@ def test_embed_vectors_match_sentence_transformers_itself(ray_local, general_poo
     max_seq_length = 128
     recipe = build_recipe({"run_dir": str(tmp_path / "run"), "embed": {
         "corpus": str(tmp_path / "corpus.jsonl"), "model": "all-MiniLM-L6-v2", "batch_size": 16,
-        "max_seq_length": max_seq_length}}, "test", "/")
+        "max_seq_length": max_seq_length, "memory": "700MiB"}}, "test", "/")  # memory: Ray reserves it per actor
     report = run_recipe(recipe, echo=lambda _: None)["embed"]
     assert report["rows_out"] == len(rows) and report["normalised"] is True
 

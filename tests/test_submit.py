@@ -141,7 +141,9 @@ def test_submit_quickstart_follows_the_job_to_success(open_head, tiny_llama_4k, 
     run_dir = tmp_path / "quickstart"
     result = domainsynth("submit", "examples/quickstart.yaml", "--address", open_head.address, "--follow",
                          "--set", f"run_dir={run_dir}", "--set", f"synthesize.model={tiny_llama_4k}",
-                         "--set", f"judge.model={tiny_llama_4k}", env={"RAY_AUTH_MODE": "disabled"})
+                         "--set", f"judge.model={tiny_llama_4k}", "--set", "synthesize.max_field_chars=40",
+                         env={"RAY_AUTH_MODE": "disabled"})
+    # The tiny Llama's strings are kept short (random weights never end one) so that its answers parse.
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     job_id = result.stdout.split("Submitted job ")[1].split()[0]
     assert f"Job {job_id} succeeded." in result.stdout
@@ -152,7 +154,8 @@ def test_submit_quickstart_follows_the_job_to_success(open_head, tiny_llama_4k, 
     report = json.loads((run_dir / "judge" / "report.json").read_text())
     assert report["rows_in"] > 0
     synthesize = json.loads((run_dir / "synthesize" / "report.json").read_text())
-    assert synthesize["rows_in"] == 50  # retrieve.top_k: every retrieved document reached the LLM on the cluster
+    top_k = yaml.safe_load((REPO / "examples" / "quickstart.yaml").read_text())["retrieve"]["top_k"]
+    assert synthesize["rows_in"] == top_k  # every retrieved document reached the LLM on the cluster
 
     status = domainsynth("jobs", "status", job_id, "--address", open_head.address)
     assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout

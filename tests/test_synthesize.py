@@ -16,6 +16,7 @@ import pytest
 from domainsynth.cluster.cli import main
 from domainsynth.pipelines.synthesis import trait
 from domainsynth.pipelines.recipe import build_recipe
+from domainsynth.pipelines.rundir import StageError
 from domainsynth.pipelines.runner import run_recipe
 
 from conftest import DATA, read_jsonl_gz, write_jsonl
@@ -81,7 +82,7 @@ def test_craft_samples_parse_into_the_few_shots_format(ray_local, tmp_path, tiny
         assert sample["source_id"].startswith("medabs-") and sample["label"]  # the document's fields are kept
         assert json.loads(sample["completion"])["answer"] + "." == sample["output"]
     for row in dropped:
-        assert row["drop_reason"] in {"duplicate_options", "empty_option", "unparseable", "too_short"}
+        assert row["drop_reason"] in {"duplicate_options", "empty_option", "placeholder", "unparseable", "too_short"}
         assert row["drop_detail"]
     assert (tmp_path / "run/synthesize/report.md").read_text().count("acceptance rate") == 1
 
@@ -91,6 +92,14 @@ def test_craft_answers_cut_short_are_dropped_as_unparseable(ray_local, tmp_path,
     report = run_recipe(build_recipe(recipe, "test", "."))["synthesize"]
     assert report["rows_out"] == 0 and report["rows_filtered"] == {"unparseable": 8} and accounted(report)
     assert all("cut off at max_tokens" in r["drop_detail"] for r in rows(tmp_path / "run/synthesize/dropped"))
+    # A stage after it stops before reading the empty output, saying which stage emptied it and why.
+    recipe["qc"] = {}
+    with pytest.raises(StageError) as stopped:
+        run_recipe(build_recipe(recipe, "test", "."), echo=lambda line: None)
+    message = str(stopped.value)
+    assert message.startswith("qc.input: synthesize kept no rows, so qc has nothing to read")
+    assert "dropped 8 unparseable" in message and str(tmp_path / "run" / "synthesize") in message
+    assert not (tmp_path / "run" / "qc").exists()
 
 
 def test_craft_validation_as_in_the_paper():

@@ -9,11 +9,11 @@ from typing import Optional
 import numpy as np
 import pyarrow.dataset as pads
 import ray
-from pydantic import Field
+from pydantic import ByteSize, Field
 from ray.data import ActorPoolStrategy
 
 from ...actors.embedding import SentenceEmbedder
-from .. import corpus
+from .. import corpus, paths
 from ..corpus import READ_TASK_CPUS, SUPPORTED_SUFFIXES, CorpusSpec, read_corpus, reading_cpus
 from ..paths import expand_inputs
 from ..report import markdown_table, write_report
@@ -37,6 +37,10 @@ class EmbedConfig(Strict):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per embedding actor (GPU clusters).")
     concurrency: Optional[int] = Field(None, gt=0, description="Embedding actors; null = one per CPU (per GPU "
                                                                "when num_gpus is set).")
+    memory: Optional[ByteSize] = Field(None, description="Host memory Ray reserves for each embedding actor (bytes, "
+                                                         "or a size such as 1.2GiB): actors are placed where it "
+                                                         "fits, and Ray Data stops warning that the pool asks for "
+                                                         "none. null = none reserved.")
 
 # Batches per actor call (and per block). sentence-transformers sorts a call's texts by length, so bigger calls pad
 # less (measured on 20k documents: 4 batches a call cost 12% against one process encoding 5,000 texts a call).
@@ -98,6 +102,7 @@ def run_embed(cfg: EmbedConfig, stage: StageDir) -> dict:
                                             "torch_threads": max(1, round(cpus_per_actor))},
                      compute=ActorPoolStrategy(size=actors),
                      num_cpus=cpus_per_actor, num_gpus=cfg.num_gpus or None,
+                     **({"memory": int(cfg.memory)} if cfg.memory else {}),
                      batch_size=rows_per_block, batch_format="pyarrow")
         .write_parquet(data_uri))
     seconds_embedding = clock.seconds()
@@ -169,6 +174,9 @@ class Embed(Stage):
     def preflight(self, cfg: EmbedConfig, recipe) -> None:
         if cfg.corpus is not None:  # null: select's output, made by this run
             check_inputs("embed.corpus", cfg.corpus)
+
+    def upstream(self, cfg: EmbedConfig, recipe) -> dict[str, str]:
+        return {} if cfg.corpus else {"embed.corpus": paths.join(recipe.run_dir, "select", "data")}
 
     def run(self, cfg: EmbedConfig, stage: StageDir, recipe) -> dict:
         return run_embed(cfg, stage)

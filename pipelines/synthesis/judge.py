@@ -196,6 +196,9 @@ class Judge(Stage):
             check_inputs("judge.input", cfg.input)
         prepare(cfg)
 
+    def upstream(self, cfg: JudgeConfig, recipe) -> dict[str, str]:
+        return {} if cfg.input else {"judge.input": _judge_context(recipe)["upstream"]}
+
     def run(self, cfg: JudgeConfig, stage: StageDir, recipe) -> dict:
         return run_judge(cfg, stage, **_judge_context(recipe))
 

@@ -688,6 +688,9 @@ class Qc(Stage):
             check_inputs("qc.input", cfg.input)
         check_qc(cfg, _qc_context(recipe)["references"])
 
+    def upstream(self, cfg: QcConfig, recipe) -> dict[str, str]:
+        return {} if cfg.input else {"qc.input": _qc_context(recipe)["upstream"]}
+
     def run(self, cfg: QcConfig, stage: StageDir, recipe) -> dict:
         return run_qc(cfg, stage, **_qc_context(recipe))
 

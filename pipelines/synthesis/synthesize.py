@@ -17,6 +17,7 @@ import ray
 from pydantic import Field, field_validator, model_validator
 
 from ...actors.engines import SamplingParams
+from .. import paths
 from ..corpus import ORDER, READ_TASK_CPUS, CorpusSpec, read_corpus, without_operator_reservations
 from ..report import markdown_table, token_histogram_png, write_report
 from ..rundir import QUARANTINE_PARTS, StageDir, StageError
@@ -381,6 +382,11 @@ class Synthesize(Stage):
         if cfg.method == "craft" and recipe.retrieve is None:  # with retrieve, this run writes the documents
             check_inputs("synthesize.craft.documents", cfg.craft.documents)
         check_synthesize(cfg)
+
+    def upstream(self, cfg: SynthesizeConfig, recipe) -> dict[str, str]:
+        if cfg.method != "craft" or cfg.craft.documents:
+            return {}
+        return {"synthesize.craft.documents": paths.join(recipe.run_dir, "retrieve", "data")}
 
     def run(self, cfg: SynthesizeConfig, stage: StageDir, recipe) -> dict:
         return run_synthesize(cfg, stage)
