@@ -1,5 +1,6 @@
-"""The ``domainsynth`` command line: ``select``, ``embed``, ``retrieve``, ``generate``, ``synthesize``, ``qc``,
-``judge``, ``serve``, ``models``, ``run RECIPE.yaml``, ``demo``, and for clusters ``submit``, ``jobs`` and ``k8s``."""
+"""The ``domainsynth`` command line: ``select``, ``embed``, ``retrieve``, ``generate``, ``softprompt``,
+``synthesize``, ``qc``, ``judge``, ``serve``, ``models``, ``run RECIPE.yaml``, ``demo``, and for clusters ``submit``,
+``jobs`` and ``k8s``."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ..pipelines.synthesis.domino import DominoConfig
 from ..pipelines.synthesis.generate import EnginePoolConfig, GenerateConfig
 from ..pipelines.synthesis.judge import JudgeConfig
 from ..pipelines.synthesis.qc import NearDedupConfig, QcConfig
+from ..pipelines.training.softprompt import SoftPromptConfig
 from . import ray_runtime
 from .console import Console
 from ..actors.model_cache import CACHE_ENV
@@ -203,6 +205,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--n", type=_positive_int, metavar="N", help=f"completions per prompt (default {_default(SamplingParams, 'n')})")
     gen.add_argument("--seed", type=int, metavar="S", help="sampling seed")
     _add_common(gen)
+
+    spt = sub.add_parser(
+        "softprompt", help="DOMINO: learn the domain soft prompt from reference samples on Ray Train",
+        description="Prompt tuning of a frozen causal LM on --references: the domain soft prompt Z (and, for "
+                    "--objective domino, a private prompt per reference with the contrastive term), on Ray Train "
+                    "workers with DeepSpeed or DDP; writes RUN_DIR/softprompt/soft_prompt (a PEFT prompt-tuning "
+                    "folder), metrics.jsonl, report.md with the loss curves, and checkpoints under ray/ (rerunning "
+                    "an interrupted run resumes from the latest).")
+    spt.add_argument("--references", required=True, action="append", metavar="PATH_OR_GLOB",
+                     help="reference samples (JSONL/Parquet, field --text-field; repeatable)")
+    spt.add_argument("--model", required=True, metavar="PATH_OR_ID", help="causal LM: Hugging Face id or folder")
+    spt.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (local path or URI)")
+    spt.add_argument("--objective", choices=("domino", "direct"),
+                     help=f"domino or direct (default {_default(SoftPromptConfig, 'objective')})")
+    spt.add_argument("--num-tokens", type=_positive_int, metavar="M",
+                     help=f"tokens of the domain prompt (default {_default(SoftPromptConfig, 'num_tokens')})")
+    spt.add_argument("--epochs", type=_positive_int, metavar="N",
+                     help=f"passes over the references (default {_default(SoftPromptConfig, 'epochs')})")
+    spt.add_argument("--max-steps", type=_positive_int, metavar="N", help="stop after N steps")
+    spt.add_argument("--workers", type=_positive_int, metavar="N",
+                     help=f"Ray Train workers (default {_default(SoftPromptConfig, 'workers')})")
+    spt.add_argument("--text-field", metavar="NAME",
+                     help=f"field holding the text (default: {_default(SoftPromptConfig, 'text_field')})")
+    _add_common(spt)
 
     syn = sub.add_parser(
         "synthesize", help="synthesize task data with an LLM: CRAFT task samples, TRAIT passages, DOMINO samples",
@@ -475,6 +501,13 @@ def recipe_from_synthesize_args(args: argparse.Namespace) -> Recipe:
     return build_recipe({"run_dir": args.out, "synthesize": synthesize}, "command line", os.getcwd(), args.overrides)
 
 
+def recipe_from_softprompt_args(args: argparse.Namespace) -> Recipe:
+    softprompt = {"references": args.references, "model": args.model,
+                  **_given(args, "objective", "num_tokens", "epochs", "max_steps", "workers", "text_field")}
+    return build_recipe({"run_dir": args.out, "softprompt": softprompt}, "command line", os.getcwd(),
+                        args.overrides)
+
+
 def recipe_from_qc_args(args: argparse.Namespace) -> Recipe:
     qc: dict = {"input": args.input, **_given(args, "references", "text_field")}
     if args.eval:
@@ -581,9 +614,9 @@ def _command(args: argparse.Namespace, console: Console) -> int:
             recipe = recipe_from_retrieve_args(args)
         elif args.command == "generate":
             recipe = recipe_from_generate_args(args)
-        elif args.command in ("synthesize", "qc", "judge"):
-            recipe = {"synthesize": recipe_from_synthesize_args, "qc": recipe_from_qc_args,
-                      "judge": recipe_from_judge_args}[args.command](args)
+        elif args.command in ("softprompt", "synthesize", "qc", "judge"):
+            recipe = {"softprompt": recipe_from_softprompt_args, "synthesize": recipe_from_synthesize_args,
+                      "qc": recipe_from_qc_args, "judge": recipe_from_judge_args}[args.command](args)
         elif args.command == "serve":
             recipe = recipe_from_serve_args(args)
         elif args.command == "run":
@@ -624,6 +657,10 @@ def _command(args: argparse.Namespace, console: Console) -> int:
     except StageError as e:  # found only once the stage ran (an empty corpus, a corpus changed under the index)
         print(f"domainsynth: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: finished stages stay finished, a training stage keeps its checkpoints
+        print("domainsynth: interrupted; run the same command again to go on (finished stages are skipped, "
+              "training resumes from its latest checkpoint)", file=sys.stderr)
+        return 130
     except Exception as e:  # a task or actor that failed, a bug: the error and where the logs are
         console.failed(e, ray_runtime.log_dir())
         if console.mode == "verbose":

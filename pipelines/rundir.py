@@ -68,18 +68,33 @@ class StageDir:
         fs, root = self.fs_path
         return fs.get_file_info(f"{root}/{name}").type != pafs.FileType.NotFound
 
-    def clear(self) -> None:
-        """Remove whatever an interrupted attempt left, so the stage is redone from scratch."""
+    def clear(self, keep: tuple[str, ...] = ()) -> None:
+        """Remove whatever an interrupted attempt left, so the stage is redone from scratch; the entries named in
+        ``keep`` stay (a training stage's checkpoints, which the rerun resumes from)."""
         fs, root = self.fs_path
         if fs.get_file_info(root).type == pafs.FileType.Directory:
-            fs.delete_dir_contents(root)
+            if keep:
+                self._delete_all_but(keep)
+            else:
+                fs.delete_dir_contents(root)
         fs.create_dir(root, recursive=True)
 
-    def remove(self) -> None:
-        """Remove the stage's folder and everything in it (a failed stage leaves nothing behind)."""
+    def remove(self, keep: tuple[str, ...] = ()) -> None:
+        """Remove the stage's folder and everything in it (a failed stage leaves nothing behind), but the entries
+        named in ``keep``."""
         fs, root = self.fs_path
-        if fs.get_file_info(root).type == pafs.FileType.Directory:
+        if fs.get_file_info(root).type != pafs.FileType.Directory:
+            return
+        if keep and any(self.exists(name) for name in keep):
+            self._delete_all_but(keep)
+        else:
             fs.delete_dir(root)
+
+    def _delete_all_but(self, keep: tuple[str, ...]) -> None:
+        fs, root = self.fs_path
+        for info in fs.get_file_info(pafs.FileSelector(root)):
+            if info.base_name not in keep:
+                self.delete(info.base_name)
 
     def delete(self, name: str) -> None:
         fs, root = self.fs_path

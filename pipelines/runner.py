@@ -8,7 +8,7 @@ from typing import Callable
 from . import paths
 from .recipe import Recipe
 from .rundir import StageDir, StageError
-from .stage import Stage, StageReport, check_model, check_soft_prompt
+from .stage import Stage, StageReport, check_model, check_soft_prompt, progress_to
 
 
 class StageFailed(StageError):
@@ -56,6 +56,11 @@ def preflight(recipe: Recipe) -> None:
 def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print) -> dict[str, dict]:
     """Run every stage the recipe configures; returns each stage's report (report.json's content, checked against
     the stage's report type)."""
+    with progress_to(echo):
+        return _run_stages(recipe, echo)
+
+
+def _run_stages(recipe: Recipe, echo: Callable[[str], None]) -> dict[str, dict]:
     reports = {}
     input_digests: dict[str, str] = {}  # each stage's inputs looked at once per run (listings, small-file hashes)
     summaries: dict[str, str] = {}  # each finished stage's summary line, to explain an empty output downstream
@@ -69,8 +74,9 @@ def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print) -> dict[str,
             reports[name], summaries[name] = report.model_dump(mode="json"), stage.summary(report)
             echo(f"[{name}] already complete in {folder.uri} (recipe and inputs unchanged): skipped")
             continue
-        # Anything left by an interrupted attempt is removed: the stage is redone, never appended to.
-        folder.clear()
+        # Anything left by an interrupted attempt is removed (a training stage keeps its checkpoints, to
+        # resume from): the stage is redone, never appended to.
+        folder.clear(keep=stage.kept_on_retry)
         echo(f"[{name}] started -> {folder.uri}")
         skipped = skipped_inputs(recipe, name)
         for field, files in skipped.items():
@@ -80,7 +86,7 @@ def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print) -> dict[str,
             report = stage.report.model_validate({**stage.run(cfg, folder, recipe), "skipped_files": skipped})
             write_report_json(folder, report)
         except BaseException as e:
-            folder.remove()  # a failed stage leaves nothing that could pass for its output
+            folder.remove(keep=stage.kept_on_retry)  # nothing that could pass for its output stays
             if isinstance(e, Exception) and not isinstance(e, StageError):
                 raise StageFailed(name, e) from e
             raise

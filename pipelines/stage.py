@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, ClassVar, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -78,6 +78,7 @@ class Stage:
     config: ClassVar[type[BaseModel]]
     report: ClassVar[type[StageReport]] = StageReport
     help: ClassVar[str] = ""  # the recipe reference's one-line description of the section
+    kept_on_retry: ClassVar[tuple[str, ...]] = ()  # entries of the stage's folder a rerun keeps (checkpoints)
 
     def check_recipe(self, cfg, recipe: "Recipe") -> None:
         """Requirements on other sections, checked when the recipe is validated (raise ValueError naming the
@@ -97,6 +98,26 @@ class Stage:
     def summary(self, report: StageReport) -> str:
         """The summary's line for this stage (the CLI adds where its data and report are)."""
         raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------- progress from inside a stage
+_progress_sink: Optional[Callable[[str], None]] = None
+
+
+@contextmanager
+def progress_to(sink: Callable[[str], None]) -> Iterator[None]:
+    """While the runner runs stages: a stage's ``progress`` lines go to ``sink`` (the CLI's console)."""
+    global _progress_sink
+    previous, _progress_sink = _progress_sink, sink
+    try:
+        yield
+    finally:
+        _progress_sink = previous
+
+
+def progress(line: str) -> None:
+    """A progress line of a long stage (``[stage] ...``), shown as the runner's own lines are."""
+    (_progress_sink or print)(line)
 
 
 # ------------------------------------------------------------------------------ checks that stages' preflights share

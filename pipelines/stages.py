@@ -10,6 +10,8 @@ from .synthesis.generate import Generate
 from .synthesis.judge import Judge
 from .synthesis.qc import Qc
 from .synthesis.synthesize import Synthesize
+from .training.softprompt import SoftPrompt
 
-# qc before judge: dropping duplicates is cheap, a judgment is an LLM call per row.
-STAGES = (Select(), Embed(), Index(), Retrieve(), Generate(), Synthesize(), Qc(), Judge())
+# softprompt before synthesize: DOMINO samples from the soft prompt it learns. qc before judge: dropping duplicates is
+# cheap, a judgment is an LLM call per row.
+STAGES = (Select(), Embed(), Index(), Retrieve(), Generate(), SoftPrompt(), Synthesize(), Qc(), Judge())

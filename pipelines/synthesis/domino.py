@@ -8,7 +8,7 @@ and a rerun with the same seed repeats the run.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import pyarrow as pa
 from pydantic import Field, field_validator
@@ -27,7 +27,8 @@ RESPONSE_SAMPLING = {"temperature": 0.0, "max_tokens": 1024}
 
 class DominoConfig(Strict):
     """DOMINO: new inputs sampled from the domain soft prompt Z (nothing else in the prompt), optionally answered."""
-    soft_prompt: InputPath = Field(description="The domain soft prompt: [m, hidden] .safetensors, .npy or PEFT folder.")
+    soft_prompt: Optional[InputPath] = Field(None, description="The domain soft prompt: [m, hidden] .safetensors, "
+                                             ".npy or PEFT folder; null = this run's softprompt output.")
     num_samples: int = Field(1000, gt=0, description="Inputs to sample (the authors: 40k-80k).")
     prompt: str = Field("", description="Text after the soft prompt (empty: sample from p(x | Z) alone).")
     min_input_chars: int = Field(20, ge=1, description="Shortest sampled input kept.")
@@ -48,17 +49,20 @@ class DominoConfig(Strict):
 RESPONSE_VARIABLES = {"input"}
 
 
-def prepare(cfg: SynthesizeConfig, hidden_size: int | None) -> PromptTemplate | None:
-    """The soft prompt checked against the model (when its config is at hand), and the response template."""
+def prepare(cfg: SynthesizeConfig, hidden_size: int | None, soft_prompt_exists: bool = True) \
+        -> PromptTemplate | None:
+    """The soft prompt checked against the model (when its config is at hand, and the soft prompt is there: at
+    preflight, this run's softprompt stage has not written its own yet), and the response template."""
     from ...actors.soft_prompt import load_soft_prompt
 
-    try:
-        prefix = load_soft_prompt(cfg.domino.soft_prompt)
-    except (FileNotFoundError, ValueError) as e:
-        raise type(e)(f"synthesize.domino.soft_prompt: {e}") from None
-    if hidden_size is not None and (prefix.ndim != 2 or prefix.shape[1] != hidden_size):
-        raise ValueError(f"synthesize.domino.soft_prompt: shape {list(prefix.shape)}, but {cfg.model} has hidden "
-                         f"size {hidden_size} (expected [m, {hidden_size}])")
+    if soft_prompt_exists:
+        try:
+            prefix = load_soft_prompt(cfg.domino.soft_prompt)
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"synthesize.domino.soft_prompt: {e}") from None
+        if hidden_size is not None and (prefix.ndim != 2 or prefix.shape[1] != hidden_size):
+            raise ValueError(f"synthesize.domino.soft_prompt: shape {list(prefix.shape)}, but {cfg.model} has "
+                             f"hidden size {hidden_size} (expected [m, {hidden_size}])")
     if not cfg.domino.respond:
         return None
     template = load_template(cfg.template, "domino_response", "synthesize.template", RESPONSE_VARIABLES,

@@ -74,7 +74,7 @@ class SynthesizeConfig(EnginePoolConfig):
         if self.method == "trait" and self.trait is None:
             raise ValueError("method trait needs a trait section (at least trait.examples)")
         if self.method == "domino" and self.domino is None:
-            raise ValueError("method domino needs a domino section (at least domino.soft_prompt)")
+            self.domino = DominoConfig()  # its soft prompt: this run's softprompt stage's (checked with the recipe)
         return self
 
     @property
@@ -99,7 +99,7 @@ def model_hidden_size(model: str) -> int | None:
         return json.load(f).get("hidden_size")
 
 
-def check_synthesize(cfg: SynthesizeConfig) -> None:
+def check_synthesize(cfg: SynthesizeConfig, soft_prompt_exists: bool = True) -> None:
     """Everything that can be checked before work starts: templates (parsed and rendered once), few-shot and
     example files (their shape), the soft prompt (its width against the model)."""
     if cfg.method == "craft":
@@ -107,7 +107,7 @@ def check_synthesize(cfg: SynthesizeConfig) -> None:
     elif cfg.method == "trait":
         trait.prepare(cfg)
     else:
-        domino.prepare(cfg, model_hidden_size(cfg.model))
+        domino.prepare(cfg, model_hidden_size(cfg.model), soft_prompt_exists)
 
 
 def default_references(cfg: SynthesizeConfig) -> References | None:
@@ -360,11 +360,23 @@ class SynthesizeReport(OutcomeReport):
     method: str
 
 
+def learned_soft_prompt(recipe) -> str:
+    """Where this run's softprompt stage writes the soft prompt (its PEFT folder)."""
+    from ..training.softprompt import SOFT_PROMPT_DIR
+
+    return paths.join(recipe.run_dir, "softprompt", SOFT_PROMPT_DIR)
+
+
 class Synthesize(Stage):
     name, config, report = "synthesize", SynthesizeConfig, SynthesizeReport
     help = "Task data written by an LLM: CRAFT task samples, TRAIT task-oriented passages or DOMINO samples."
 
     def check_recipe(self, cfg: SynthesizeConfig, recipe) -> None:
+        if cfg.method == "domino" and cfg.domino.soft_prompt is None:
+            if recipe.softprompt is None:
+                raise ValueError("synthesize.domino.soft_prompt: required unless the recipe has a softprompt "
+                                 "section (then domino samples from the soft prompt it learns)")
+            cfg.domino.soft_prompt = learned_soft_prompt(recipe)
         craft_cfg = cfg.craft if cfg.method == "craft" else None
         if craft_cfg is None:
             return
@@ -381,7 +393,8 @@ class Synthesize(Stage):
         check_model("synthesize.model", cfg.model)
         if cfg.method == "craft" and recipe.retrieve is None:  # with retrieve, this run writes the documents
             check_inputs("synthesize.craft.documents", cfg.craft.documents)
-        check_synthesize(cfg)
+        check_synthesize(cfg, soft_prompt_exists=not (cfg.method == "domino" and recipe.softprompt is not None
+                                                      and cfg.domino.soft_prompt == learned_soft_prompt(recipe)))
 
     def upstream(self, cfg: SynthesizeConfig, recipe) -> dict[str, str]:
         if cfg.method != "craft" or cfg.craft.documents:
