@@ -71,9 +71,10 @@ def batch_indices(local_count: int, epoch: int, step_in_epoch: int, per_epoch: i
 
 class ProgressFile:
     """Rank 0's progress lines, the latest few in a small JSON file (local path or URI) that the driver polls and
-    prints: a worker's own output is not forwarded to the driver unless the run is verbose."""
+    prints (a worker's own output is not forwarded to the driver unless the run is verbose), with rank 0's pid for
+    whoever needs to find the process."""
 
-    KEEP = 20
+    KEEP = 50
 
     def __init__(self, uri: str | None):
         self.uri, self.lines, self.count = uri, [], 0
@@ -91,7 +92,7 @@ class ProgressFile:
         fs, path = pafs.FileSystem.from_uri(self.uri)
         fs.create_dir(os.path.dirname(path), recursive=True)
         with fs.open_output_stream(path) as f:
-            f.write(json.dumps({"lines": self.lines}).encode())
+            f.write(json.dumps({"lines": self.lines, "pid": os.getpid()}).encode())
 
 
 def pad(sequences: list[np.ndarray], pad_id: int):
@@ -181,9 +182,12 @@ def train_soft_prompt(cfg: dict) -> None:
     say = ProgressFile(cfg.get("progress_file")).say
     per_epoch, total = plan_steps(cfg["num_samples"], world, cfg["batch_size"], cfg["epochs"], cfg["max_steps"])
     start, history = 0, []
-    # The latest checkpoint of this run (a restart after a worker failed), else the one a rerun of the stage found.
-    checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint(cfg["resume_from"]) if cfg.get("resume_from")
-                                                else None)
+    # The latest whole checkpoint of this run on storage: after Ctrl-C and a rerun of the stage, and after a worker
+    # died (Ray Train registers a checkpoint only once its controller has collected every rank's report, so a kill
+    # just after a checkpoint would otherwise restart from the one before, or from nothing). A run directory on a
+    # URI falls back on what Ray Train registered.
+    found = latest_checkpoint(cfg["run_folder"]) if cfg.get("run_folder") else None
+    checkpoint = ray.train.Checkpoint(found) if found else ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = torch.load(os.path.join(folder, STATE), map_location="cpu", weights_only=False)

@@ -151,7 +151,7 @@ def run_softprompt(cfg: SoftPromptConfig, stage: StageDir, fingerprint: str) -> 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ...actors.softprompt_training import latest_checkpoint, read_private_table, train_soft_prompt
+    from ...actors.softprompt_training import read_private_table, train_soft_prompt
     from ..resources import cluster_cpus, cluster_gpus
 
     clock = StageClock()
@@ -173,12 +173,11 @@ def run_softprompt(cfg: SoftPromptConfig, stage: StageDir, fingerprint: str) -> 
     use_gpu = cfg.gpus_per_worker > 0
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {}),
                  **cfg.resources_per_worker}
-    # A rerun after an interruption resumes from the latest whole checkpoint of this run (same settings and
-    # references), handed to the workers as Ray Train V2 advises (ray#49454); within a run, Ray Train restarts
-    # failed workers from the latest checkpoint reported.
-    resume = latest_checkpoint(os.path.join(stage.child(RAY_DIR), name)) if not paths.is_uri(stage.uri) else None
+    # The workers resume from the latest whole checkpoint of this run (same settings and references) in this folder,
+    # whether the stage is rerun after an interruption or Ray Train restarts them after a failure.
+    run_folder = None if paths.is_uri(stage.uri) else os.path.abspath(paths.join(stage.child(RAY_DIR), name))
     trainer = TorchTrainer(
-        train_soft_prompt, train_loop_config={**train_loop_config(cfg, count), "resume_from": resume,
+        train_soft_prompt, train_loop_config={**train_loop_config(cfg, count), "run_folder": run_folder,
                                               "progress_file": _absolute(stage.child(PROGRESS))},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
