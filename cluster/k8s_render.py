@@ -283,6 +283,9 @@ def _pools(recipe: Recipe, workload: str) -> tuple[list[tuple[int | None, float]
             pools.append((recipe.select.quality.concurrency, 1.0, recipe.select.quality.num_gpus))
         if recipe.embed:
             pools.append((recipe.embed.concurrency, recipe.embed.num_cpus or 1.0, recipe.embed.num_gpus))
+        if recipe.softprompt:  # Ray Train's workers: a fixed group, all at once
+            sp = recipe.softprompt
+            pools.append((sp.workers, sp.cpus_per_worker, sp.gpus_per_worker))
         for stage in ("generate", "synthesize", "judge"):
             cfg = getattr(recipe, stage)
             if cfg is not None:

@@ -104,6 +104,14 @@ def test_a_cpu_recipe_gets_no_gpu_group_and_a_gpu_recipe_gets_one_sized_from_its
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
 
 
+def test_softprompt_training_workers_on_gpus_get_a_gpu_group_for_all_of_them(capsys):
+    """Ray Train's workers start together: 4 workers of 1 GPU on pods of 2 GPUs need 2 pods at once."""
+    objects, _ = render(capsys, QUICKSTART, "raycluster", "softprompt.references=data/medical_in_domain.jsonl",
+                        "softprompt.model=smollm2", "softprompt.workers=4", "softprompt.gpus_per_worker=1",
+                        "kubernetes.gpu_workers.gpus=2")
+    assert groups(objects[0]["spec"])["gpu"]["maxReplicas"] == 2
+
+
 def test_rayservice_runs_our_serve_app_with_the_recipes_autoscaling(capsys):
     objects, _ = render(capsys, GENERATOR, "rayservice", "serve.autoscaling.max_replicas=6",
                         "serve.num_gpus=1", "serve.engine=vllm")
