@@ -130,7 +130,7 @@ def train_loop_config(cfg: SoftPromptConfig, num_samples: int) -> dict:
             "num_samples": num_samples, "torch_threads": max(1, int(cfg.cpus_per_worker))}
 
 
-def run_name(cfg: SoftPromptConfig, fingerprint: str) -> str:
+def run_name(fingerprint: str) -> str:
     """The Ray Train run's name: the stage's fingerprint (settings and references), so a rerun with the same ones
     resumes its checkpoints and any change starts afresh."""
     return f"softprompt-{fingerprint}"
@@ -151,7 +151,7 @@ def run_softprompt(cfg: SoftPromptConfig, stage: StageDir, fingerprint: str) -> 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ...actors.softprompt_training import read_private_table, train_soft_prompt
+    from ...actors.softprompt_training import train_soft_prompt
     from ..resources import cluster_cpus, cluster_gpus
 
     clock = StageClock()
@@ -168,7 +168,7 @@ def run_softprompt(cfg: SoftPromptConfig, stage: StageDir, fingerprint: str) -> 
     if count < cfg.workers:
         raise StageError(f"softprompt.references: {count} usable reference(s) for {cfg.workers} workers; each "
                          f"worker needs one at least")
-    name = run_name(cfg, fingerprint)
+    name = run_name(fingerprint)
     _forget_other_runs(stage, name)
     use_gpu = cfg.gpus_per_worker > 0
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {}),
@@ -189,7 +189,7 @@ def run_softprompt(cfg: SoftPromptConfig, stage: StageDir, fingerprint: str) -> 
         result = fit_interruptibly(trainer)
     stage.delete(PROGRESS)
     with clock.phase("write"):
-        history = _write_outputs(cfg, stage, result.checkpoint, read_private_table)
+        history = _write_outputs(cfg, stage, result.checkpoint)
     report = {
         "stage": "softprompt", "rows_in": count + len(quarantined), "rows_out": count,
         "rows_quarantined": len(quarantined), "steps": history[-1]["step"], "final_loss": history[-1]["loss"],
@@ -291,7 +291,7 @@ def _forget_other_runs(stage: StageDir, keep: str) -> None:
             fs.delete_dir(info.path)
 
 
-def _write_outputs(cfg: SoftPromptConfig, stage: StageDir, checkpoint, read_private_table) -> list[dict]:
+def _write_outputs(cfg: SoftPromptConfig, stage: StageDir, checkpoint) -> list[dict]:
     """The PEFT folder, the private table and metrics.jsonl, from the final checkpoint."""
     import torch
     from peft import PromptTuningConfig, TaskType
@@ -299,7 +299,7 @@ def _write_outputs(cfg: SoftPromptConfig, stage: StageDir, checkpoint, read_priv
 
     from ...actors.smollm2 import resolve_model
     from ...actors.soft_prompt import PEFT_TENSOR, PEFT_WEIGHTS
-    from ...actors.softprompt_training import STATE
+    from ...actors.softprompt_training import STATE, read_private_table
 
     with checkpoint.as_directory() as folder:
         state = torch.load(os.path.join(folder, STATE), map_location="cpu", weights_only=False)
