@@ -1,8 +1,8 @@
 """DOMINO's soft-prompt learning (pipelines/training/softprompt.py) on a real local Ray with 2 Ray Train workers and
-the tiny Llama: both objectives learn (the loss falls), DDP and DeepSpeed ZeRO-2 take the same steps, the output is a
-PEFT prompt-tuning folder that PEFT and our engine read alike, malformed references are quarantined, bad settings
-fail before any training, and a run interrupted with Ctrl-C resumes from its checkpoint to the Z an uninterrupted run
-reaches."""
+the tiny Llama: both objectives learn (the loss falls), DDP and DeepSpeed ZeRO-2 and ZeRO-3 take the same steps, the
+output is a PEFT prompt-tuning folder that PEFT and our engine read alike, malformed references are quarantined, bad
+settings fail before any training, a run interrupted with Ctrl-C resumes from its checkpoint to the Z an
+uninterrupted run reaches, and a worker killed mid-run is restarted from the last checkpoint."""
 
 from __future__ import annotations
 
@@ -121,6 +121,27 @@ def test_direct_on_deepspeed_zero2_takes_the_steps_ddp_takes(ray_local, tmp_path
         runs[strategy] = [m["loss"] for m in metrics(tmp_path / strategy)]
     assert falls(runs["deepspeed"])
     np.testing.assert_allclose(runs["deepspeed"], runs["ddp"], rtol=1e-3)
+
+
+def test_domino_on_deepspeed_zero3_takes_the_steps_ddp_takes_and_saves_z_whole(domino_run, tmp_path, references,
+                                                                              tiny_llama):
+    """ZeRO-3 partitions Z (and the frozen LM) across the 2 workers: the steps are DDP's (the module fixture's run,
+    same settings), and the saved Z and private table are whole — gathered, not rank 0's partition."""
+    from safetensors.numpy import load_file
+
+    ddp_dir, _ = domino_run
+    report = train(tmp_path, **settings(references, tiny_llama, strategy="deepspeed",
+                                        deepspeed={"zero_stage": 3}))
+    assert report["zero_stage"] == 3 and report["steps"] == 24
+    np.testing.assert_allclose([m["loss"] for m in metrics(tmp_path)], [m["loss"] for m in metrics(ddp_dir)],
+                               rtol=1e-3)
+    z3, ddp = load_soft_prompt(str(tmp_path / "softprompt" / "soft_prompt")), \
+        load_soft_prompt(str(ddp_dir / "softprompt" / "soft_prompt"))
+    assert z3.shape == ddp.shape == (NUM_TOKENS, ddp.shape[1])
+    np.testing.assert_allclose(z3, ddp, atol=1e-5)
+    tables = [load_file(str(d / "softprompt" / "private_prompts.safetensors"))["private_prompts"]
+              for d in (tmp_path, ddp_dir)]
+    np.testing.assert_allclose(tables[0], tables[1], atol=1e-5)
 
 
 def test_bad_settings_fail_before_any_training(ray_local, tmp_path, references, tiny_llama):
