@@ -31,25 +31,35 @@ def rank_done(rank: int) -> str:
     return f"rank{rank}.done"  # written last by each rank: a checkpoint with every rank's marker is whole
 
 
-def latest_checkpoint(run_folder: str) -> str | None:
-    """The folder of the latest whole checkpoint of a run (every rank's files there), or None. A checkpoint that a
-    kill cut short is passed over."""
+def latest_checkpoint(run_folder: str):
+    """The latest whole checkpoint of a run (every rank's files there) as a ``ray.train.Checkpoint``, or None; the
+    run's folder is a local path or a URI (s3://, gs://: the same look-up reads the object store). A checkpoint that
+    a kill cut short is passed over."""
     import json
 
-    best, best_step = None, -1
-    if not os.path.isdir(run_folder):
+    import pyarrow.fs as pafs
+    import ray.train
+
+    if "://" in run_folder:
+        fs, root = pafs.FileSystem.from_uri(run_folder)
+    else:
+        fs, root = pafs.LocalFileSystem(), os.path.abspath(run_folder)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
         return None
-    for name in os.listdir(run_folder):
-        folder = os.path.join(run_folder, name)
+    best, best_step = None, -1
+    for info in fs.get_file_info(pafs.FileSelector(root)):
+        if info.type != pafs.FileType.Directory:
+            continue
         try:
-            with open(os.path.join(folder, STEP), encoding="utf-8") as f:
-                meta = json.load(f)
+            with fs.open_input_stream(f"{info.path}/{STEP}") as f:
+                meta = json.loads(f.read())
         except (OSError, ValueError):
             continue
-        whole = all(os.path.exists(os.path.join(folder, rank_done(r))) for r in range(meta["world"]))
+        markers = fs.get_file_info([f"{info.path}/{rank_done(r)}" for r in range(meta["world"])])
+        whole = all(m.type == pafs.FileType.File for m in markers)
         if whole and meta["step"] > best_step:
-            best, best_step = folder, meta["step"]
-    return best
+            best, best_step = info.path, meta["step"]
+    return ray.train.Checkpoint(best, filesystem=fs) if best else None
 
 
 def plan_steps(num_samples: int, world: int, batch_size: int, epochs: int, max_steps: int | None) -> tuple[int, int]:
@@ -184,10 +194,8 @@ def train_soft_prompt(cfg: dict) -> None:
     start, history = 0, []
     # The latest whole checkpoint of this run on storage: after Ctrl-C and a rerun of the stage, and after a worker
     # died (Ray Train registers a checkpoint only once its controller has collected every rank's report, so a kill
-    # just after a checkpoint would otherwise restart from the one before, or from nothing). A run directory on a
-    # URI falls back on what Ray Train registered.
-    found = latest_checkpoint(cfg["run_folder"]) if cfg.get("run_folder") else None
-    checkpoint = ray.train.Checkpoint(found) if found else ray.train.get_checkpoint()
+    # just after a checkpoint would otherwise restart from the one before, or from nothing).
+    checkpoint = latest_checkpoint(cfg["run_folder"]) or ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = torch.load(os.path.join(folder, STATE), map_location="cpu", weights_only=False)

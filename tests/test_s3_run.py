@@ -169,3 +169,68 @@ def test_a_uri_keeps_its_query_when_stage_folders_are_made_from_it():
     assert select.sibling("index", "meta.json") == \
         "s3://bucket/run/index/meta.json?endpoint_override=127.0.0.1:9000&scheme=http"
     assert select.fs_path[1] == "bucket/run/select"
+
+
+def test_softprompt_on_s3_restarts_a_killed_worker_from_its_latest_whole_checkpoint_there(ray_local, bucket,
+                                                                                           tiny_llama):
+    """DOMINO's soft-prompt learning with its references and run directory in the bucket, 2 Ray Train workers: rank
+    0 is SIGKILLed after its first checkpoint (its pid from the progress file, read from the bucket); the workers
+    resume from the latest whole checkpoint they find there and the run ends at exactly its planned steps, each
+    once, with the PEFT folder in the bucket. The look-up itself passes over a checkpoint that lacks a rank's
+    files."""
+    import signal
+    import threading
+    import time
+
+    from safetensors.numpy import load as load_safetensors
+
+    from domainsynth.actors.softprompt_training import latest_checkpoint
+
+    from conftest import DATA, read_jsonl_gz
+
+    lines = [json.dumps({"id": r["id"], "text": r["text"][:300]})
+             for r in read_jsonl_gz(DATA / "medical_abstracts.jsonl.gz")[:12]]
+    bucket.put_object(Bucket=BUCKET, Key="inputs/references.jsonl", Body="\n".join(lines).encode())
+    run_dir = f"s3://{BUCKET}/runs/softprompt"
+    section = {"references": f"s3://{BUCKET}/inputs/references.jsonl", "model": tiny_llama, "num_tokens": 8,
+               "private_tokens": 4, "max_steps": 60, "batch_size": 3, "max_length": 48, "workers": 2,
+               "strategy": "ddp", "checkpoint_every": 10, "log_every": 5, "lr": 0.02}
+    recipe = build_recipe({"run_dir": run_dir, "softprompt": section}, "test", "/")
+    said, outcome, killed = [], {}, None
+    thread = threading.Thread(target=lambda: outcome.update(run_recipe(recipe, echo=said.append)))
+    thread.start()
+    deadline = time.time() + 300
+    while killed is None and time.time() < deadline and thread.is_alive():
+        try:
+            state = read_json(bucket, "runs/softprompt/softprompt/progress.json")
+        except bucket.exceptions.NoSuchKey:
+            state = {}
+        steps = [int(line.split()[2].split("/")[0]) for _, line in state.get("lines", []) if " step " in line]
+        if steps and steps[-1] >= 15:
+            killed = state["pid"]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.1)
+    thread.join(timeout=600)
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert outcome["softprompt"]["steps"] == 60
+    resumed = [line for line in said if "resumed from step" in line]
+    assert resumed and int(resumed[0].split("resumed from step ")[1].split()[0]) >= 10, said[-5:]
+    body = bucket.get_object(Bucket=BUCKET, Key="runs/softprompt/softprompt/metrics.jsonl")["Body"].read()
+    assert [json.loads(line)["step"] for line in body.decode().splitlines()] == list(range(1, 61))
+    objects = keys(bucket, "runs/softprompt/softprompt/")
+    assert {"runs/softprompt/softprompt/soft_prompt/adapter_config.json",
+            "runs/softprompt/softprompt/soft_prompt/adapter_model.safetensors",
+            "runs/softprompt/softprompt/private_prompts.safetensors"} <= set(objects)
+    weights = bucket.get_object(Bucket=BUCKET, Key="runs/softprompt/softprompt/soft_prompt/adapter_model.safetensors")
+    assert load_safetensors(weights["Body"].read())["prompt_embeddings"].shape[0] == 8
+
+    # The checkpoints kept in the bucket (the last two): the latest whole one is step 60's, and once a rank's marker
+    # is gone from it, step 50's.
+    run_folder = f"{run_dir}/softprompt/ray/{outcome['softprompt']['outputs']['checkpoints'].rsplit('/', 1)[-1]}"
+    latest = latest_checkpoint(run_folder)
+    with latest.as_directory() as folder:
+        assert json.loads(open(os.path.join(folder, "checkpoint.json")).read())["step"] == 60
+    marker = latest.path.split("/", 1)[1] + "/rank1.done"
+    bucket.delete_object(Bucket=BUCKET, Key=marker)
+    with latest_checkpoint(run_folder).as_directory() as folder:
+        assert json.loads(open(os.path.join(folder, "checkpoint.json")).read())["step"] == 50

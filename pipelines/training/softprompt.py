@@ -175,7 +175,7 @@ def run_softprompt(cfg: SoftPromptConfig, stage: StageDir, fingerprint: str) -> 
                  **cfg.resources_per_worker}
     # The workers resume from the latest whole checkpoint of this run (same settings and references) in this folder,
     # whether the stage is rerun after an interruption or Ray Train restarts them after a failure.
-    run_folder = None if paths.is_uri(stage.uri) else os.path.abspath(paths.join(stage.child(RAY_DIR), name))
+    run_folder = _absolute(paths.join(stage.child(RAY_DIR), name))
     trainer = TorchTrainer(
         train_soft_prompt, train_loop_config={**train_loop_config(cfg, count), "run_folder": run_folder,
                                               "progress_file": _absolute(stage.child(PROGRESS))},
