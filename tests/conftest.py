@@ -113,3 +113,28 @@ def free_ports(count: int) -> list[int]:
         for s in sockets:
             s.bind(("127.0.0.1", 0))
         return [s.getsockname()[1] for s in sockets]
+
+
+def run_killing_rank0(recipe, read_progress, at_step: int) -> tuple[dict, list[str]]:
+    """Run ``recipe`` in a thread and SIGKILL softprompt's rank 0 (the pid in its progress file, which
+    ``read_progress`` returns as a dict, {} while there is none) once its progress lines reach ``at_step``. Returns
+    the reports and the lines said; fails if the run ended before the kill."""
+    import os
+    import signal
+    import threading
+    import time
+
+    said, outcome, killed = [], {}, None
+    thread = threading.Thread(target=lambda: outcome.update(run_recipe(recipe, echo=said.append)))
+    thread.start()
+    deadline = time.time() + 300
+    while killed is None and time.time() < deadline and thread.is_alive():
+        state = read_progress()
+        steps = [int(line.split()[2].split("/")[0]) for _, line in state.get("lines", []) if " step " in line]
+        if steps and steps[-1] >= at_step:
+            killed = state["pid"]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    thread.join(timeout=600)
+    assert killed is not None, "the run ended before a worker could be killed"
+    return outcome, said

@@ -178,15 +178,11 @@ def test_softprompt_on_s3_restarts_a_killed_worker_from_its_latest_whole_checkpo
     resume from the latest whole checkpoint they find there and the run ends at exactly its planned steps, each
     once, with the PEFT folder in the bucket. The look-up itself passes over a checkpoint that lacks a rank's
     files."""
-    import signal
-    import threading
-    import time
-
     from safetensors.numpy import load as load_safetensors
 
     from domainsynth.actors.softprompt_training import latest_checkpoint
 
-    from conftest import DATA, read_jsonl_gz
+    from conftest import DATA, read_jsonl_gz, run_killing_rank0
 
     lines = [json.dumps({"id": r["id"], "text": r["text"][:300]})
              for r in read_jsonl_gz(DATA / "medical_abstracts.jsonl.gz")[:12]]
@@ -196,22 +192,14 @@ def test_softprompt_on_s3_restarts_a_killed_worker_from_its_latest_whole_checkpo
                "private_tokens": 4, "max_steps": 60, "batch_size": 3, "max_length": 48, "workers": 2,
                "strategy": "ddp", "checkpoint_every": 10, "log_every": 5, "lr": 0.02}
     recipe = build_recipe({"run_dir": run_dir, "softprompt": section}, "test", "/")
-    said, outcome, killed = [], {}, None
-    thread = threading.Thread(target=lambda: outcome.update(run_recipe(recipe, echo=said.append)))
-    thread.start()
-    deadline = time.time() + 300
-    while killed is None and time.time() < deadline and thread.is_alive():
+
+    def read_progress() -> dict:
         try:
-            state = read_json(bucket, "runs/softprompt/softprompt/progress.json")
+            return read_json(bucket, "runs/softprompt/softprompt/progress.json")
         except bucket.exceptions.NoSuchKey:
-            state = {}
-        steps = [int(line.split()[2].split("/")[0]) for _, line in state.get("lines", []) if " step " in line]
-        if steps and steps[-1] >= 15:
-            killed = state["pid"]
-            os.kill(killed, signal.SIGKILL)
-        time.sleep(0.1)
-    thread.join(timeout=600)
-    assert killed is not None, "the run ended before a worker could be killed"
+            return {}
+
+    outcome, said = run_killing_rank0(recipe, read_progress, at_step=15)
     assert outcome["softprompt"]["steps"] == 60
     resumed = [line for line in said if "resumed from step" in line]
     assert resumed and int(resumed[0].split("resumed from step ")[1].split()[0]) >= 10, said[-5:]

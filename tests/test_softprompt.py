@@ -21,7 +21,7 @@ from domainsynth.pipelines.recipe import RecipeError, build_recipe
 from domainsynth.pipelines.rundir import StageError
 from domainsynth.pipelines.runner import run_recipe
 
-from conftest import DATA, read_jsonl_gz, write_jsonl
+from conftest import DATA, read_jsonl_gz, run_killing_rank0, write_jsonl
 
 NUM_TOKENS, PRIVATE_TOKENS = 8, 4
 
@@ -224,28 +224,18 @@ def test_domino_synthesis_without_a_soft_prompt_or_a_softprompt_section_is_refus
 def test_a_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(ray_local, tmp_path, references, tiny_llama):
     """SIGKILL to rank 0 (its pid from the progress file it writes) after its first checkpoint: Ray Train restarts
     the worker group from the latest checkpoint and the run ends at exactly the planned steps, each once."""
-    import threading
-
     run_dir = tmp_path / "run"
     section = settings(references, tiny_llama, max_steps=120, checkpoint_every=10, log_every=5)
-    said, outcome = [], {}
     recipe = build_recipe({"run_dir": str(run_dir), "softprompt": section}, "test", "/")
-    thread = threading.Thread(target=lambda: outcome.update(run_recipe(recipe, echo=said.append)))
-    thread.start()
-    progress_file, killed = run_dir / "softprompt" / "progress.json", None
-    deadline = time.time() + 300
-    while killed is None and time.time() < deadline and thread.is_alive():
+    progress_file = run_dir / "softprompt" / "progress.json"
+
+    def read_progress() -> dict:
         try:
-            state = json.loads(progress_file.read_text())
+            return json.loads(progress_file.read_text())
         except (OSError, ValueError):
-            state = {}
-        steps = [int(line.split()[2].split("/")[0]) for _, line in state.get("lines", []) if " step " in line]
-        if steps and steps[-1] >= 15:
-            killed = state["pid"]
-            os.kill(killed, signal.SIGKILL)
-        time.sleep(0.05)
-    thread.join(timeout=600)
-    assert killed is not None, "the run ended before a worker could be killed"
+            return {}
+
+    outcome, said = run_killing_rank0(recipe, read_progress, at_step=15)
     assert outcome["softprompt"]["steps"] == 120
     assert [m["step"] for m in metrics(run_dir)] == list(range(1, 121))
     resumed = [line for line in said if "resumed from step" in line]
