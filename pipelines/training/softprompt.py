@@ -203,7 +203,7 @@ def run_softprompt(cfg: SoftPromptConfig, stage: StageDir, fingerprint: str) -> 
                     **({"private_prompts": stage.child(PRIVATE_PROMPTS)} if cfg.objective == "domino" else {})},
     }
     stage.write_bytes("loss.png", loss_png(history, cfg.objective))
-    first, last = history[0], history[-1]
+    last = history[-1]
     write_report(stage, report, "\n".join([
         f"# softprompt — the domain soft prompt ({cfg.objective})", "", markdown_table([
             ("references", f"{count:,} ({truncated:,} cut to {cfg.max_length} tokens; quarantined "
@@ -211,9 +211,8 @@ def run_softprompt(cfg: SoftPromptConfig, stage: StageDir, fingerprint: str) -> 
             ("model", cfg.model), ("Z", f"{cfg.num_tokens} tokens"),
             ("private prompts", f"{cfg.private_tokens} tokens each" if cfg.private_tokens else "none (direct)"),
             ("steps", f"{last['step']:,} ({last['epoch']} epochs, batch {cfg.batch_size} x {cfg.workers} workers)"),
-            ("loss", f"{first['loss']:.3f} at step 1 -> {last['loss']:.3f} at step {last['step']}"),
-            ("L_suf", f"{first['loss_suf']:.3f} -> {last['loss_suf']:.3f}"),
-            *([("L_con", f"{first['loss_con']:.3f} -> {last['loss_con']:.3f}")] if "loss_con" in last else []),
+            ("loss", falling(history, "loss")), ("L_suf", falling(history, "loss_suf")),
+            *([("L_con", falling(history, "loss_con"))] if "loss_con" in last else []),
             ("tokens / second", f"{last['tokens_per_s']:,.0f}"), ("seconds", report["seconds"])]),
         "", "![loss](loss.png)", ""]))
     return report
@@ -330,19 +329,38 @@ def _read_model_config(model: str) -> str:
     return AutoConfig.from_pretrained(model).to_json_string()
 
 
+def falling(history: list[dict], key: str) -> str:
+    """A loss term from the first epoch to the last, as means (one batch's value is noisy), and its first and last
+    steps."""
+    first_epoch, last_epoch = history[0]["epoch"], history[-1]["epoch"]
+    mean = {e: sum(h[key] for h in history if h["epoch"] == e) / sum(h["epoch"] == e for h in history)
+            for e in (first_epoch, last_epoch)}
+    return (f"mean {mean[first_epoch]:.3f} in epoch {first_epoch} -> {mean[last_epoch]:.3f} in epoch {last_epoch} "
+            f"(step {history[0]['step']}: {history[0][key]:.3f}, step {history[-1]['step']}: {history[-1][key]:.3f})")
+
+
 def loss_png(history: list[dict], objective: str) -> bytes:
+    """The loss terms over steps: each step faint (a batch of a few references is noisy), and their running mean."""
+    import numpy as np
+
     steps = [h["step"] for h in history]
+    window = max(1, len(history) // 20)
     fig, ax = _pyplot().subplots(figsize=(7, 3.6), dpi=110)
-    ax.plot(steps, [h["loss"] for h in history], label="loss", color="tab:blue")
-    ax.plot(steps, [h["loss_suf"] for h in history], label="L_suf", color="tab:green", alpha=0.8)
+    terms = [("loss", "loss", "tab:blue"), ("loss_suf", "L_suf", "tab:green")]
     if objective == "domino":
-        ax.plot(steps, [h["loss_con"] for h in history], label="L_con", color="tab:orange", alpha=0.8)
+        terms.append(("loss_con", "L_con", "tab:orange"))
+    for key, label, color in terms:
+        values = np.array([h[key] for h in history], dtype=float)
+        running = np.convolve(values, np.ones(window), "full")[:len(values)] / np.minimum(
+            np.arange(1, len(values) + 1), window)  # the mean of the last `window` steps (fewer at the start)
+        ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, running, color=color, label=label)
     epochs = [h["step"] for prev, h in zip(history, history[1:]) if h["epoch"] != prev["epoch"]]
     for x in epochs:
         ax.axvline(x - 0.5, color="#cccccc", linewidth=0.6)
     ax.set_xlabel("step (grey lines: epochs)")
     ax.set_ylabel("loss (nats / token)")
-    ax.set_title(f"softprompt ({objective})")
+    ax.set_title(f"softprompt ({objective}): each step, and the mean of the last {window}")
     ax.legend(fontsize=8)
     return _png(fig)
 
