@@ -1,5 +1,6 @@
 """The ``domainsynth`` command line: ``select``, ``embed``, ``retrieve``, ``generate``, ``softprompt``,
-``synthesize``, ``qc``, ``judge``, ``serve``, ``models``, ``run RECIPE.yaml``, ``demo``, and for clusters ``submit``,
+``synthesize``, ``qc``, ``judge``, ``pretrain``, ``finetune``, ``preference``, ``serve``, ``models``,
+``run RECIPE.yaml``, ``demo``, and for clusters ``submit``,
 ``jobs`` and ``k8s``."""
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from ..pipelines.synthesis.domino import DominoConfig
 from ..pipelines.synthesis.generate import EnginePoolConfig, GenerateConfig
 from ..pipelines.synthesis.judge import JudgeConfig
 from ..pipelines.synthesis.qc import NearDedupConfig, QcConfig
+from ..pipelines.training.finetune import FinetuneConfig
+from ..pipelines.training.preference import PreferenceConfig
 from ..pipelines.training.softprompt import SoftPromptConfig
 from . import ray_runtime
 from .console import Console
@@ -229,6 +232,62 @@ def build_parser() -> argparse.ArgumentParser:
     spt.add_argument("--text-field", metavar="NAME",
                      help=f"field holding the text (default: {_default(SoftPromptConfig, 'text_field')})")
     _add_common(spt)
+
+    ptr = sub.add_parser(
+        "pretrain", help="continual pretraining (one stage) on Ray Train, with replay by an exact token share",
+        description="Continue pretraining --model on --data: documents tokenised and packed into blocks on Ray "
+                    "Data, --replay general text mixed in at --replay-ratio of the tokens, trained on Ray Train "
+                    "workers (DeepSpeed ZeRO-2 by default), held-out perplexity on --eval-text (and on held-out "
+                    "replay text) every training.eval_every steps. Writes RUN_DIR/pretrain/pretrain/model (a Hugging "
+                    "Face model folder), metrics.jsonl, report.md with the curves; rerunning an interrupted run "
+                    "resumes from its checkpoint. A recipe's pretrain section runs TRAIT's two stages.")
+    ptr.add_argument("--data", required=True, action="append", metavar="PATH_OR_GLOB",
+                     help="documents (JSONL/Parquet, field 'text'; repeatable)")
+    ptr.add_argument("--model", required=True, metavar="PATH_OR_ID", help="causal LM: Hugging Face id or folder")
+    ptr.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (local path or URI)")
+    ptr.add_argument("--replay", action="append", metavar="PATH_OR_GLOB", help="general text to replay (repeatable)")
+    ptr.add_argument("--replay-ratio", type=float, metavar="R", help="replay's share of the training tokens "
+                     "(default 0.1 with --replay)")
+    ptr.add_argument("--max-steps", type=_positive_int, metavar="N", help="optimizer steps (default: one epoch)")
+    ptr.add_argument("--eval-text", action="append", metavar="FILE", help="held-out domain text for perplexity "
+                     "(repeatable; default: blocks held out of --data)")
+    ptr.add_argument("--workers", type=_positive_int, metavar="N", help="Ray Train workers (default 1)")
+    _add_common(ptr)
+
+    fit = sub.add_parser(
+        "finetune", help="LoRA SFT on synthetic samples with TRL's SFTTrainer on Ray Train",
+        description="LoRA supervised fine-tuning of --model on --data (instruction/output samples: synthesize, qc "
+                    "or judge output, or any such file), the chat template applied and the loss on the response "
+                    "only, with a held-out validation split. Writes RUN_DIR/finetune/adapter (a PEFT LoRA folder), "
+                    "metrics.jsonl and report.md.")
+    fit.add_argument("--data", required=True, action="append", metavar="PATH_OR_GLOB", help="samples (repeatable)")
+    fit.add_argument("--model", required=True, metavar="PATH_OR_ID", help="base causal LM: Hugging Face id or folder")
+    fit.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (local path or URI)")
+    fit.add_argument("--preset", choices=("craft", "domino"), help="the paper's LoRA and optimizer settings")
+    fit.add_argument("--prompt-field", metavar="NAME", help="field holding the instruction (default instruction)")
+    fit.add_argument("--response-field", metavar="NAME",
+                     help=f"field holding the response (default {_default(FinetuneConfig, 'response_field')})")
+    fit.add_argument("--merge", action="store_true", help="also write the adapter merged into the base")
+    fit.add_argument("--max-steps", type=_positive_int, metavar="N", help="optimizer steps (default: epochs decide)")
+    fit.add_argument("--workers", type=_positive_int, metavar="N", help="Ray Train workers (default 1)")
+    _add_common(fit)
+
+    dpo = sub.add_parser(
+        "preference", help="DPO with TRL's DPOTrainer (LoRA) on pairs, or on pairs built from judge ratings",
+        description="Direct preference optimisation of --model: on --pairs (prompt, chosen, rejected), or on pairs "
+                    "built from --ratings (several rated responses per prompt, e.g. generate --n K then judge: for "
+                    "each prompt the best-rated response is chosen over the worst). Writes "
+                    "RUN_DIR/preference/adapter (a PEFT folder), pairs/, metrics.jsonl and report.md.")
+    dpo.add_argument("--model", required=True, metavar="PATH_OR_ID", help="causal LM: Hugging Face id or folder")
+    dpo.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (local path or URI)")
+    given = dpo.add_mutually_exclusive_group(required=True)
+    given.add_argument("--pairs", action="append", metavar="PATH_OR_GLOB", help="preference pairs (repeatable)")
+    given.add_argument("--ratings", action="append", metavar="PATH_OR_GLOB", help="rated responses (repeatable)")
+    dpo.add_argument("--beta", type=float, metavar="B",
+                     help=f"DPO's beta (default {_default(PreferenceConfig, 'beta')})")
+    dpo.add_argument("--max-steps", type=_positive_int, metavar="N", help="optimizer steps (default: epochs decide)")
+    dpo.add_argument("--workers", type=_positive_int, metavar="N", help="Ray Train workers (default 1)")
+    _add_common(dpo)
 
     syn = sub.add_parser(
         "synthesize", help="synthesize task data with an LLM: CRAFT task samples, TRAIT passages, DOMINO samples",
@@ -508,6 +567,36 @@ def recipe_from_softprompt_args(args: argparse.Namespace) -> Recipe:
                         args.overrides)
 
 
+def _training(args: argparse.Namespace) -> dict:
+    return _given(args, "max_steps", "workers")
+
+
+def recipe_from_pretrain_args(args: argparse.Namespace) -> Recipe:
+    stage: dict = {"name": "pretrain", "data": args.data}
+    if args.replay_ratio is not None and not args.replay:
+        raise RecipeError("pretrain --replay-ratio: give the general text to replay with --replay PATH")
+    stage["replay"] = [{"files": args.replay, "share": 0.1 if args.replay_ratio is None else args.replay_ratio}] \
+        if args.replay else []
+    pretrain: dict = {"model": args.model, "stages": [stage], "training": _training(args)}
+    if args.replay:
+        pretrain["general"] = args.replay
+    if args.eval_text:
+        pretrain["eval"] = {"domain": args.eval_text}
+    return build_recipe({"run_dir": args.out, "pretrain": pretrain}, "command line", os.getcwd(), args.overrides)
+
+
+def recipe_from_finetune_args(args: argparse.Namespace) -> Recipe:
+    finetune = {"data": args.data, "model": args.model, "training": _training(args),
+                **_given(args, "preset", "prompt_field", "response_field"), **({"merge": True} if args.merge else {})}
+    return build_recipe({"run_dir": args.out, "finetune": finetune}, "command line", os.getcwd(), args.overrides)
+
+
+def recipe_from_preference_args(args: argparse.Namespace) -> Recipe:
+    preference = {"model": args.model, "training": _training(args), **_given(args, "pairs", "ratings", "beta")}
+    return build_recipe({"run_dir": args.out, "preference": preference}, "command line", os.getcwd(),
+                        args.overrides)
+
+
 def recipe_from_qc_args(args: argparse.Namespace) -> Recipe:
     qc: dict = {"input": args.input, **_given(args, "references", "text_field")}
     if args.eval:
@@ -614,9 +703,11 @@ def _command(args: argparse.Namespace, console: Console) -> int:
             recipe = recipe_from_retrieve_args(args)
         elif args.command == "generate":
             recipe = recipe_from_generate_args(args)
-        elif args.command in ("softprompt", "synthesize", "qc", "judge"):
+        elif args.command in ("softprompt", "synthesize", "qc", "judge", "pretrain", "finetune", "preference"):
             recipe = {"softprompt": recipe_from_softprompt_args, "synthesize": recipe_from_synthesize_args,
-                      "qc": recipe_from_qc_args, "judge": recipe_from_judge_args}[args.command](args)
+                      "qc": recipe_from_qc_args, "judge": recipe_from_judge_args,
+                      "pretrain": recipe_from_pretrain_args, "finetune": recipe_from_finetune_args,
+                      "preference": recipe_from_preference_args}[args.command](args)
         elif args.command == "serve":
             recipe = recipe_from_serve_args(args)
         elif args.command == "run":

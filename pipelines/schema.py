@@ -76,6 +76,8 @@ def _walk(annotation: Any, metadata: list, dotted: str) -> Iterator[PathField]:
                 yield from _walk(arg, metadata, dotted)
     elif origin is dict:
         yield from _walk(args[1], [], f"{dotted}.*")
+    elif origin is list and args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        yield from path_fields(args[0], f"{dotted}.[].")  # each item of a list of sections (pretrain's stages)
     elif role is not None:  # str, or a list of str
         yield PathField(dotted, role)
     elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -103,10 +105,15 @@ def _apply(fn: Callable[[str, PathRole, str], str], place: str, role: PathRole, 
 
 
 def _places(node: Any, parts: list[str], trail: str = "") -> Iterator[tuple[dict, str, str]]:
-    """(mapping, key, dotted place) for each set value ``parts`` reaches in ``node`` (``*``: every key)."""
+    """(mapping, key, dotted place) for each set value ``parts`` reaches in ``node`` (``*``: every key; ``[]``:
+    every item of a list, placed as ``field[i]``)."""
+    head, rest = parts[0], parts[1:]
+    if head == "[]":
+        for i, item in enumerate(node if isinstance(node, list) else []):
+            yield from _places(item, rest, f"{trail}[{i}]")
+        return
     if not isinstance(node, dict):
         return
-    head, rest = parts[0], parts[1:]
     keys = list(node) if head == "*" else [head] if head in node else []
     for key in keys:
         place = f"{trail}.{key}" if trail else str(key)

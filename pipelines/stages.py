@@ -10,8 +10,12 @@ from .synthesis.generate import Generate
 from .synthesis.judge import Judge
 from .synthesis.qc import Qc
 from .synthesis.synthesize import Synthesize
+from .training.finetune import Finetune
+from .training.preference import Preference
+from .training.pretrain import Pretrain
 from .training.softprompt import SoftPrompt
 
 # softprompt before synthesize: DOMINO samples from the soft prompt it learns. qc before judge: dropping duplicates is
-# cheap, a judgment is an LLM call per row.
-STAGES = (Select(), Embed(), Index(), Retrieve(), Generate(), SoftPrompt(), Synthesize(), Qc(), Judge())
+# cheap, a judgment is an LLM call per row. Then the model is adapted: pretrain, finetune on the samples, preference.
+STAGES = (Select(), Embed(), Index(), Retrieve(), Generate(), SoftPrompt(), Synthesize(), Qc(), Judge(), Pretrain(),
+          Finetune(), Preference())

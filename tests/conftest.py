@@ -120,6 +120,7 @@ def run_killing_rank0(recipe, read_progress, at_step: int) -> tuple[dict, list[s
     ``read_progress`` returns as a dict, {} while there is none) once its progress lines reach ``at_step``. Returns
     the reports and the lines said; fails if the run ended before the kill."""
     import os
+    import re
     import signal
     import threading
     import time
@@ -130,7 +131,7 @@ def run_killing_rank0(recipe, read_progress, at_step: int) -> tuple[dict, list[s
     deadline = time.time() + 300
     while killed is None and time.time() < deadline and thread.is_alive():
         state = read_progress()
-        steps = [int(line.split()[2].split("/")[0]) for _, line in state.get("lines", []) if " step " in line]
+        steps = [int(m.group(1)) for _, line in state.get("lines", []) if (m := re.search(r" step (\d+)/", line))]
         if steps and steps[-1] >= at_step:
             killed = state["pid"]
             os.kill(killed, signal.SIGKILL)

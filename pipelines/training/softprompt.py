@@ -136,13 +136,14 @@ def run_name(fingerprint: str) -> str:
     return f"softprompt-{fingerprint}"
 
 
-def check_resources(cfg: SoftPromptConfig, cpus: float, gpus: float) -> None:
+def check_resources(cfg, cpus: float, gpus: float, section: str = "softprompt") -> None:
+    """Enough CPUs and GPUs for ``cfg.workers`` workers (a softprompt config, or a training stage's settings)."""
     need_cpus, need_gpus = cfg.workers * cfg.cpus_per_worker, cfg.workers * cfg.gpus_per_worker
     if need_cpus > cpus + 1e-9:
-        raise StageError(f"softprompt.workers: {cfg.workers} workers x {cfg.cpus_per_worker:g} CPUs need "
+        raise StageError(f"{section}.workers: {cfg.workers} workers x {cfg.cpus_per_worker:g} CPUs need "
                          f"{need_cpus:g} CPUs, the cluster has {cpus:g}")
     if need_gpus > gpus + 1e-9:
-        raise StageError(f"softprompt.gpus_per_worker: {cfg.workers} workers x {cfg.gpus_per_worker:g} GPUs need "
+        raise StageError(f"{section}.gpus_per_worker: {cfg.workers} workers x {cfg.gpus_per_worker:g} GPUs need "
                          f"{need_gpus:g} GPUs, the cluster has {gpus:g}")
 
 
@@ -278,11 +279,11 @@ class ProgressLines:
             self.last = lines[-1]
 
 
-def _forget_other_runs(stage: StageDir, keep: str) -> None:
-    """Checkpoints of runs with other settings or references cannot be resumed by this one: removed."""
+def _forget_other_runs(stage: StageDir, keep: str, ray_dir: str = RAY_DIR) -> None:
+    """Checkpoints of runs with other settings or inputs cannot be resumed by this one: removed."""
     import pyarrow.fs as pafs
 
-    fs, root = StageDir(stage.child(RAY_DIR)).fs_path
+    fs, root = StageDir(stage.child(ray_dir)).fs_path
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         return
     for info in fs.get_file_info(pafs.FileSelector(root)):
