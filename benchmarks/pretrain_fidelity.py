@@ -82,14 +82,15 @@ def build_data(work: Path) -> dict:
 
 
 def pretrain_recipe(run_dir: Path, data: list[str], model: str, data_files: dict, steps: int, replay: float,
-                    block: int) -> dict:
+                    block: int, eval_blocks: int) -> dict:
     stage = {"name": "knowledge", "data": data,
              "replay": [{"share": replay, "files": [data_files["general"]]}] if replay else []}
     return {"run_dir": str(run_dir), "pretrain": {
         "model": model, "block_size": block, "stages": [stage],
-        "eval": {"domain": [data_files["eval_medical"]], "general": [data_files["eval_general"]], "max_blocks": 48},
+        "eval": {"domain": [data_files["eval_medical"]], "general": [data_files["eval_general"]],
+                 "max_blocks": eval_blocks},
         "training": {"max_steps": steps, "batch_size": 4, "lr": 1e-4, "warmup_steps": 2,
-                     "eval_every": max(1, steps // 4),
+                     "eval_every": max(1, steps // 2),
                      "checkpoint_every": steps, "log_every": 2, "cpus_per_worker": os.cpu_count() or 1}}}
 
 
@@ -133,6 +134,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--sft-steps", type=int, default=24)
+    parser.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks of each set scored")
     parser.add_argument("--skip", choices=("pretrain", "sft"), default=None)
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
@@ -162,7 +164,7 @@ def main() -> None:
         for name, (data, replay) in arms.items():
             recipe = work / f"{name}.yaml"
             recipe.write_text(yaml.safe_dump(pretrain_recipe(work / f"run-{name}", data, model, files, args.steps,
-                                                             replay, args.block_size)))
+                                                             replay, args.block_size, args.eval_blocks)))
             seconds = run(cli + ["run", str(recipe)], work / f"{name}.log")
             report = json.loads((work / f"run-{name}" / "pretrain" / "report.json").read_text())
             results[name] = report["perplexity"]

@@ -188,20 +188,21 @@ def run_finetune(cfg: FinetuneConfig, stage: StageDir, recipe, fingerprint: str)
 
 
 def trained_report(name: str, cfg, stage: StageDir, history: list[dict], total: int, counts: dict,
-                   quarantined: list, clock: StageClock, title: str, extra_rows=(), extra: Optional[dict] = None
-                   ) -> dict:
-    """report.json and report.md of a LoRA stage (finetune, preference): losses over steps, samples, outputs."""
+                   quarantined: list, clock: StageClock, title: str, extra_rows=(), extra: Optional[dict] = None,
+                   rows_used: Optional[int] = None, unit: str = "samples") -> dict:
+    """report.json and report.md of a LoRA stage (finetune, preference): losses over steps, what it trained on
+    (``counts`` of ``unit``: train and validation; ``rows_used``: input rows behind them, when they differ), outputs."""
     loss = [(h["step"], h["loss"]) for h in train_entries(history)]
     validation = [(h["step"], h["eval_validation_loss"]) for h in eval_entries(history, "validation")]
     stage.write_bytes("loss.png", curve_png([("training loss", loss), ("validation loss", validation)],
                                             f"{name}: loss", "loss"))
-    used = counts["train"] + counts["validation"]
+    used = counts["train"] + counts["validation"] if rows_used is None else rows_used
     report = {
         "stage": name, "rows_in": used + len(quarantined) + sum((extra or {}).get("rows_filtered", {}).values()),
         "rows_out": used, "rows_quarantined": len(quarantined), "rows_filtered": (extra or {}).get("rows_filtered",
                                                                                                     {}),
         "steps": total, "final_loss": loss[-1][1] if loss else float("nan"),
-        "validation_loss": validation[-1][1] if validation else None, "samples": counts, "model": cfg.model,
+        "validation_loss": validation[-1][1] if validation else None, unit: counts, "model": cfg.model,
         "lora": cfg.lora.model_dump(mode="json"), **{k: v for k, v in (extra or {}).items() if k != "rows_filtered"},
         **clock.timings(),
         "outputs": {"adapter": stage.child(ADAPTER_DIR), "metrics": stage.child("metrics.jsonl"),
@@ -210,8 +211,8 @@ def trained_report(name: str, cfg, stage: StageDir, history: list[dict], total: 
     }
     write_report(stage, report, "\n".join([
         f"# {name} — {title}", "", markdown_table([
-            ("samples", f"{counts['train']:,} train, {counts['validation']:,} validation; quarantined "
-                        f"{len(quarantined):,}"), *extra_rows,
+            (unit, f"{counts['train']:,} train, {counts['validation']:,} validation; input rows used {used:,}, "
+                   f"quarantined {len(quarantined):,}"), *extra_rows,
             ("LoRA", f"r {cfg.lora.r}, alpha {cfg.lora.alpha:g}, dropout {cfg.lora.dropout:g}, "
                      f"{cfg.lora.target_modules}"),
             ("steps", f"{total:,} (lr {cfg.training.lr:g}, {cfg.training.schedule}, batch {cfg.training.batch_size} "

@@ -187,13 +187,12 @@ def run_preference(cfg: PreferenceConfig, stage: StageDir, recipe, fingerprint: 
     history = read_metrics(stage)
     accuracy = [h["rewards/accuracies"] for h in history if "rewards/accuracies" in h]
     # Accounting in responses (ratings) or pair rows (a pairs file); the pairs themselves are counted apart.
-    report = trained_report("preference", cfg, stage, history, total, {"train": used, "validation": 0}, quarantined,
-                            clock, f"DPO of {cfg.model} (beta {cfg.beta:g})",
-                            extra_rows=[("pairs", f"{counts['train']:,} train, {counts['validation']:,} validation "
-                                                  f"({cfg.pairing if cfg.pairs is None else 'given'})"),
-                                        ("reward accuracy", f"{accuracy[0]:.2f} -> {accuracy[-1]:.2f}" if accuracy
+    report = trained_report("preference", cfg, stage, history, total, counts, quarantined, clock,
+                            f"DPO of {cfg.model} (beta {cfg.beta:g}, pairs "
+                            f"{cfg.pairing if cfg.pairs is None else 'given'})",
+                            extra_rows=[("reward accuracy", f"{accuracy[0]:.2f} -> {accuracy[-1]:.2f}" if accuracy
                                          else "n/a")],
-                            extra={"rows_filtered": filtered, "pairs": counts, "beta": cfg.beta})
+                            extra={"rows_filtered": filtered, "beta": cfg.beta}, rows_used=used, unit="pairs")
     return report
 
 
