@@ -115,6 +115,19 @@ def free_ports(count: int) -> list[int]:
         return [s.getsockname()[1] for s in sockets]
 
 
+def local_progress(progress_file: Path):
+    """A reader of a training stage's progress file on local disk for ``run_killing_rank0`` ({} while there is
+    none, or while it is being rewritten)."""
+
+    def read_progress() -> dict:
+        try:
+            return json.loads(progress_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    return read_progress
+
+
 def run_killing_rank0(recipe, read_progress, at_step: int) -> tuple[dict, list[str]]:
     """Run ``recipe`` in a thread and SIGKILL softprompt's rank 0 (the pid in its progress file, which
     ``read_progress`` returns as a dict, {} while there is none) once its progress lines reach ``at_step``. Returns

@@ -21,7 +21,7 @@ from domainsynth.pipelines.runner import run_recipe
 from domainsynth.pipelines.training.packing import replay_counts
 from domainsynth.pipelines.training.preference import build_pairs
 
-from conftest import DATA, read_jsonl_gz, run_killing_rank0, write_jsonl
+from conftest import DATA, local_progress, read_jsonl_gz, run_killing_rank0, write_jsonl
 
 BLOCK = 64
 
@@ -111,14 +111,7 @@ def test_pretrain_killed_worker_resumes_to_the_planned_step(ray_local, tiny_llam
     section = pretrain_section(texts, tiny_llama, max_steps=32, checkpoint_every=8, eval_every=16)
     section["stages"] = section["stages"][:1]
     recipe = build_recipe({"run_dir": str(tmp_path / "run"), "pretrain": section}, "test", "/")
-    progress_file = tmp_path / "run" / "pretrain" / "progress.json"
-
-    def read_progress() -> dict:
-        try:
-            return json.loads(progress_file.read_text())
-        except (OSError, ValueError):
-            return {}
-
+    read_progress = local_progress(tmp_path / "run" / "pretrain" / "progress.json")
     outcome, said = run_killing_rank0(recipe, read_progress, at_step=12)
     assert outcome["pretrain"]["steps"] == {"knowledge": 32}
     assert logged_steps(tmp_path / "run" / "pretrain" / "knowledge" / "metrics.jsonl") == list(range(2, 33, 2))

@@ -21,7 +21,7 @@ from domainsynth.pipelines.recipe import RecipeError, build_recipe
 from domainsynth.pipelines.rundir import StageError
 from domainsynth.pipelines.runner import run_recipe
 
-from conftest import DATA, read_jsonl_gz, run_killing_rank0, write_jsonl
+from conftest import DATA, local_progress, read_jsonl_gz, run_killing_rank0, write_jsonl
 
 NUM_TOKENS, PRIVATE_TOKENS = 8, 4
 
@@ -227,14 +227,7 @@ def test_a_worker_killed_mid_run_is_restarted_from_the_last_checkpoint(ray_local
     run_dir = tmp_path / "run"
     section = settings(references, tiny_llama, max_steps=120, checkpoint_every=10, log_every=5)
     recipe = build_recipe({"run_dir": str(run_dir), "softprompt": section}, "test", "/")
-    progress_file = run_dir / "softprompt" / "progress.json"
-
-    def read_progress() -> dict:
-        try:
-            return json.loads(progress_file.read_text())
-        except (OSError, ValueError):
-            return {}
-
+    read_progress = local_progress(run_dir / "softprompt" / "progress.json")
     outcome, said = run_killing_rank0(recipe, read_progress, at_step=15)
     assert outcome["softprompt"]["steps"] == 120
     assert [m["step"] for m in metrics(run_dir)] == list(range(1, 121))

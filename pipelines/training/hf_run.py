@@ -16,7 +16,7 @@ from .. import paths
 from ..report import _png, _pyplot
 from ..rundir import StageDir, StageError
 from ..schema import Strict
-from .softprompt import (PROGRESS, DeepSpeedConfig, ProgressLines, _absolute, _forget_other_runs,
+from .softprompt import (PROGRESS, TrainWorkers, ProgressLines, _absolute, _forget_other_runs,
                          check_resources, fit_interruptibly)
 
 
@@ -30,7 +30,7 @@ class LoraSettings(Strict):
                                   "their names, e.g. [q_proj, v_proj].")
 
 
-class TrainingSettings(Strict):
+class TrainingSettings(TrainWorkers):
     """How a model-adapting stage trains: Ray Train workers, DeepSpeed (or DDP), the optimizer's schedule, checkpoints
     and evaluation."""
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
@@ -44,19 +44,9 @@ class TrainingSettings(Strict):
     gradient_accumulation: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory).")
     seed: int = 0
-    workers: int = Field(1, gt=0, description="Ray Train workers.")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker (its torch threads).")
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (nccl when > 0, else gloo).")
-    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Other Ray resources per "
-                                                   "worker, e.g. {accelerator_type:H100: 0.001}.")
-    strategy: Literal["ddp", "deepspeed"] = Field("deepspeed", description="DeepSpeed (ZeRO, offload, bf16) or "
-                                                  "plain PyTorch DDP.")
-    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     checkpoint_every: int = Field(50, gt=0, description="Steps between checkpoints (and the last step).")
     eval_every: int = Field(50, gt=0, description="Steps between evaluations on the held-out data.")
     log_every: int = Field(10, gt=0, description="Steps between progress lines and metrics.jsonl entries.")
-    max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (restarting from the "
-                                                   "latest checkpoint) before the stage fails.")
 
 
 def plan_steps(rows: int, t: TrainingSettings) -> int:

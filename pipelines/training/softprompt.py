@@ -52,7 +52,22 @@ class DeepSpeedConfig(Strict):
         return self
 
 
-class SoftPromptConfig(Strict):
+class TrainWorkers(Strict):
+    """The Ray Train side of a training stage: its workers, how gradients are shared, failures recovered from
+    (softprompt, pretrain, finetune, preference)."""
+    workers: int = Field(1, gt=0, description="Ray Train workers.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker (its torch threads).")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (nccl when > 0, else gloo).")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Other Ray resources per "
+                                                   "worker, e.g. {accelerator_type:H100: 0.001}.")
+    strategy: Literal["ddp", "deepspeed"] = Field("deepspeed", description="How gradients are shared: DeepSpeed "
+                                                  "(ZeRO, offload, bf16) or plain PyTorch DDP.")
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (restarting from the "
+                                                   "latest checkpoint) before the stage fails.")
+
+
+class SoftPromptConfig(TrainWorkers):
     """DOMINO's soft-prompt learning: Z (and each reference's z_i) on a frozen causal LM, on Ray Train."""
     references: InputPaths = Field(description="The domain's reference samples (JSONL/Parquet), tens to hundreds.")
     text_field: str = Field("text", description="The field holding a reference's text.")
@@ -76,18 +91,8 @@ class SoftPromptConfig(Strict):
                                                        "num_tokens); null = embeddings of sampled vocabulary tokens.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory).")
     seed: int = 0
-    workers: int = Field(1, gt=0, description="Ray Train workers.")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per worker (its torch threads).")
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (nccl when > 0, else gloo).")
-    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Other Ray resources per "
-                                                   "worker, e.g. {accelerator_type:H100: 0.001}.")
-    strategy: Literal["ddp", "deepspeed"] = Field("deepspeed", description="How Z's gradients are shared: DeepSpeed "
-                                                  "(ZeRO, offload, bf16) or plain PyTorch DDP.")
-    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     checkpoint_every: int = Field(50, gt=0, description="Steps between checkpoints (and the last step).")
     log_every: int = Field(10, gt=0, description="Steps between progress lines.")
-    max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (restarting from the "
-                                                   "latest checkpoint) before the stage fails.")
 
     @model_validator(mode="after")
     def _private_tokens_need_domino(self) -> "SoftPromptConfig":
