@@ -17,6 +17,7 @@ What this module adds to the Trainer is what a Ray job needs of it:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -174,6 +175,8 @@ def _bridge_callback(say, rank: int, world: int, total: int, stage: str, perplex
             self.seconds = time.perf_counter() - self.began  # wall time of this attempt's steps and evaluations
 
         def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= total:
+                control.should_log = True  # the last step's loss is in the history even when log_every misses it
             if state.global_step >= total and state.global_step % args.save_steps:
                 # The Trainer checkpoints the last step too; the outputs are written right after it, and a checkpoint
                 # (optimizer state included: 12 bytes a parameter) would cost more than the steps since the last one.
@@ -370,6 +373,22 @@ def _merge(base: str, adapter: str, out: str, tokenizer) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with _outside_zero3():
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _outside_zero3():
+    """A whole model loaded on this rank alone. While the Trainer's DeepSpeed config is ZeRO-3, transformers builds
+    every model it loads partitioned over the ranks (``deepspeed.zero.Init``, which broadcasts): rank 0 loading the
+    base for the merge would wait forever for the others."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    held = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = held

@@ -9,7 +9,8 @@ docs/fidelity.md records what it printed.
    - `selected+replay`: select's output with general text replayed at 25% of the tokens,
    each scored every few steps on held-out abstracts (never in the pool) and held-out general text. The claim: the
    selected data lowers biomedical perplexity more than random data, and replay bounds the rise of general-text
-   perplexity.
+   perplexity. Forgetting needs a budget that moves the model: `--arms selected,selected+replay --lr 5e-4
+   --steps 48` compares the two over a longer, faster run.
 2. LoRA SFT on CRAFT samples (`finetune --preset craft`): CRAFT's 32 biology few-shots (multiple choice, answer
    letters), then accuracy on 144 held-out MMLU biology questions (the letter with the highest log-probability after
    the chat prompt), base against adapted.
@@ -82,15 +83,15 @@ def build_data(work: Path) -> dict:
 
 
 def pretrain_recipe(run_dir: Path, data: list[str], model: str, data_files: dict, steps: int, replay: float,
-                    block: int, eval_blocks: int) -> dict:
+                    block: int, eval_blocks: int, lr: float = 1e-4, eval_every: int | None = None) -> dict:
     stage = {"name": "knowledge", "data": data,
              "replay": [{"share": replay, "files": [data_files["general"]]}] if replay else []}
     return {"run_dir": str(run_dir), "pretrain": {
         "model": model, "block_size": block, "stages": [stage],
         "eval": {"domain": [data_files["eval_medical"]], "general": [data_files["eval_general"]],
                  "max_blocks": eval_blocks},
-        "training": {"max_steps": steps, "batch_size": 4, "lr": 1e-4, "warmup_steps": 2,
-                     "eval_every": max(1, steps // 2),
+        "training": {"max_steps": steps, "batch_size": 4, "lr": lr, "warmup_steps": 2,
+                     "eval_every": eval_every or max(1, steps // 2),
                      "checkpoint_every": steps, "log_every": 2, "cpus_per_worker": os.cpu_count() or 1}}}
 
 
@@ -135,6 +136,11 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--sft-steps", type=int, default=24)
     parser.add_argument("--eval-blocks", type=int, default=16, help="held-out blocks of each set scored")
+    parser.add_argument("--arms", default="selected,random,selected+replay",
+                        help="pretraining arms to run, of selected, random, selected+replay")
+    parser.add_argument("--lr", type=float, default=1e-4, help="pretraining's peak learning rate")
+    parser.add_argument("--replay-share", type=float, default=0.25, help="the selected+replay arm's general share")
+    parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default half)")
     parser.add_argument("--skip", choices=("pretrain", "sft"), default=None)
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
@@ -159,20 +165,25 @@ def main() -> None:
               f"{precision:.3f} against the hidden abstracts), {seconds:.0f}s", flush=True)
         selected = str(work / "select-run" / "select" / "data")
         arms = {"selected": ([selected], 0.0), "random": ([files["random"]], 0.0),
-                "selected+replay": ([selected], 0.25)}
+                "selected+replay": ([selected], args.replay_share)}
         results = {}
-        for name, (data, replay) in arms.items():
+        for name in args.arms.split(","):
+            data, replay = arms[name]
             recipe = work / f"{name}.yaml"
             recipe.write_text(yaml.safe_dump(pretrain_recipe(work / f"run-{name}", data, model, files, args.steps,
-                                                             replay, args.block_size, args.eval_blocks)))
+                                                             replay, args.block_size, args.eval_blocks, args.lr,
+                                                             args.eval_every)))
             seconds = run(cli + ["run", str(recipe)], work / f"{name}.log")
             report = json.loads((work / f"run-{name}" / "pretrain" / "report.json").read_text())
             results[name] = report["perplexity"]
             d, g = report["perplexity"]["domain"], report["perplexity"]["general"]
-            print(f"{name}: {args.steps} steps of {4 * args.block_size} tokens in {seconds:.0f}s; held-out "
+            print(f"{name}: {args.steps} steps of {4 * args.block_size} tokens (lr {args.lr:g}) in {seconds:.0f}s; "
+                  f"held-out "
                   f"biomedical perplexity {d[0][1]:.2f} -> {d[-1][1]:.2f} ({d[-1][1] / d[0][1] - 1:+.1%}), general "
                   f"{g[0][1]:.2f} -> {g[-1][1]:.2f} ({g[-1][1] / g[0][1] - 1:+.1%}); replay "
-                  f"{report['mixes']['knowledge']['replay_share']:.1%}", flush=True)
+                  f"{report['mixes']['knowledge']['replay_share']:.1%}; general perplexity by step "
+                  f"{', '.join(f'{int(step)}: {value:.2f}' for step, value in g)}; biomedical by step "
+                  f"{', '.join(f'{int(step)}: {value:.2f}' for step, value in d)}", flush=True)
         (work / "pretrain_results.json").write_text(json.dumps(results, indent=1))
 
     if args.skip != "sft":

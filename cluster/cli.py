@@ -29,6 +29,7 @@ from ..pipelines.synthesis.judge import JudgeConfig
 from ..pipelines.synthesis.qc import NearDedupConfig, QcConfig
 from ..pipelines.training.finetune import FinetuneConfig
 from ..pipelines.training.preference import PreferenceConfig
+from ..pipelines.training.preference_sampling import ResponseSampling
 from ..pipelines.training.softprompt import SoftPromptConfig
 from . import ray_runtime
 from .console import Console
@@ -257,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser(
         "finetune", help="LoRA SFT on synthetic samples with TRL's SFTTrainer on Ray Train",
         description="LoRA supervised fine-tuning of --model on --data (instruction/output samples: synthesize, qc "
-                    "or judge output, or any such file), the chat template applied and the loss on the response "
-                    "only, with a held-out validation split. Writes RUN_DIR/finetune/adapter (a PEFT LoRA folder), "
+                    "or judge output, or any such file; or conversations: a messages list of {role, content} turns "
+                    "ending with the assistant's), the chat template applied and the loss on the response only, "
+                    "with a held-out validation split. Writes RUN_DIR/finetune/adapter (a PEFT LoRA folder), "
                     "metrics.jsonl and report.md.")
     fit.add_argument("--data", required=True, action="append", metavar="PATH_OR_GLOB", help="samples (repeatable)")
     fit.add_argument("--model", required=True, metavar="PATH_OR_ID", help="base causal LM: Hugging Face id or folder")
@@ -267,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--prompt-field", metavar="NAME", help="field holding the instruction (default instruction)")
     fit.add_argument("--response-field", metavar="NAME",
                      help=f"field holding the response (default {_default(FinetuneConfig, 'response_field')})")
+    fit.add_argument("--messages-field", metavar="NAME", help="field holding a conversation (default messages: "
+                     "read as one when the first sample has it as a list)")
     fit.add_argument("--merge", action="store_true", help="also write the adapter merged into the base")
     fit.add_argument("--max-steps", type=_positive_int, metavar="N", help="optimizer steps (default: epochs decide)")
     fit.add_argument("--workers", type=_positive_int, metavar="N", help="Ray Train workers (default 1)")
@@ -275,14 +279,23 @@ def build_parser() -> argparse.ArgumentParser:
     dpo = sub.add_parser(
         "preference", help="DPO with TRL's DPOTrainer (LoRA) on pairs, or on pairs built from judge ratings",
         description="Direct preference optimisation of --model: on --pairs (prompt, chosen, rejected), or on pairs "
-                    "built from --ratings (several rated responses per prompt, e.g. generate --n K then judge: for "
-                    "each prompt the best-rated response is chosen over the worst). Writes "
+                    "built from --ratings (several rated responses per prompt: for each prompt the best-rated "
+                    "response is chosen over the worst), or from --prompts (--responses answers per prompt sampled "
+                    "from --model, each rated by the LLM judge, --judge-model or --model itself). Writes "
                     "RUN_DIR/preference/adapter (a PEFT folder), pairs/, metrics.jsonl and report.md.")
     dpo.add_argument("--model", required=True, metavar="PATH_OR_ID", help="causal LM: Hugging Face id or folder")
     dpo.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (local path or URI)")
     given = dpo.add_mutually_exclusive_group(required=True)
     given.add_argument("--pairs", action="append", metavar="PATH_OR_GLOB", help="preference pairs (repeatable)")
     given.add_argument("--ratings", action="append", metavar="PATH_OR_GLOB", help="rated responses (repeatable)")
+    given.add_argument("--prompts", action="append", metavar="PATH_OR_GLOB",
+                       help="prompts to sample and rate answers for (repeatable; field --prompt-field)")
+    dpo.add_argument("--prompt-field", metavar="NAME", help="--prompts: the field holding a prompt (default "
+                     "instruction)")
+    dpo.add_argument("--responses", type=_positive_int, metavar="N",
+                     help=f"--prompts: answers sampled per prompt (default "
+                          f"{ResponseSampling.model_fields['responses'].default})")
+    dpo.add_argument("--judge-model", metavar="PATH_OR_ID", help="--prompts: the judge (default --model)")
     dpo.add_argument("--beta", type=float, metavar="B",
                      help=f"DPO's beta (default {_default(PreferenceConfig, 'beta')})")
     dpo.add_argument("--max-steps", type=_positive_int, metavar="N", help="optimizer steps (default: epochs decide)")
@@ -587,12 +600,17 @@ def recipe_from_pretrain_args(args: argparse.Namespace) -> Recipe:
 
 def recipe_from_finetune_args(args: argparse.Namespace) -> Recipe:
     finetune = {"data": args.data, "model": args.model, "training": _training(args),
-                **_given(args, "preset", "prompt_field", "response_field"), **({"merge": True} if args.merge else {})}
+                **_given(args, "preset", "prompt_field", "response_field", "messages_field"),
+                **({"merge": True} if args.merge else {})}
     return build_recipe({"run_dir": args.out, "finetune": finetune}, "command line", os.getcwd(), args.overrides)
 
 
 def recipe_from_preference_args(args: argparse.Namespace) -> Recipe:
     preference = {"model": args.model, "training": _training(args), **_given(args, "pairs", "ratings", "beta")}
+    if args.prompts:
+        preference["sample"] = {"prompts": args.prompts, **_given(args, "prompt_field", "responses", "judge_model")}
+    elif any(getattr(args, flag) is not None for flag in ("prompt_field", "responses", "judge_model")):
+        raise RecipeError("preference --prompt-field/--responses/--judge-model: they go with --prompts")
     return build_recipe({"run_dir": args.out, "preference": preference}, "command line", os.getcwd(),
                         args.overrides)
 

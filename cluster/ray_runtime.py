@@ -26,6 +26,7 @@ def connect(config: RayConfig, console: Console | None = None) -> bool:
         ray.init(address=address, runtime_env=_runtime_env(console, _job_env_vars()), **common)
         return True
     _state_token_auth()
+    _quiet_train_helpers()
     # The embedded Ray's processes inherit this process's environment, and its workers with them: the variables go
     # that way rather than in a runtime_env, which would keep Ray from handing tasks to its prestarted workers.
     # num_cpus None: Ray's own count, which honours a container's CPU quota (os.cpu_count() sees the host's).
@@ -64,6 +65,15 @@ def _state_token_auth() -> None:
         return
     os.environ["RAY_AUTH_MODE"] = "token"
     Config.initialize("")
+
+
+def _quiet_train_helpers() -> None:
+    """On the embedded one-machine Ray, Ray Train's preemption watcher (an actor polling for nodes being drained) and
+    its Prometheus metrics (which nothing scrapes without a dashboard) have nothing to do, but wake every few seconds
+    beside the training, which on a small machine shares its cores (docs/benchmarks.md). The user's own setting
+    wins; a cluster keeps both."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
 
 
 def log_dir() -> str | None:

@@ -72,6 +72,9 @@ class CorpusSpec:
     paths: list[str]
     text_field: str = "text"
     id_field: str = "id"
+    # What the text field must hold: "text" (a non-blank string) or "messages" (a conversation: a list of
+    # {role, content} turns ending with the assistant's; finetune's chat samples).
+    text_kind: str = "text"
 
 
 class CorpusDatasource(FileBasedDatasource):
@@ -81,7 +84,7 @@ class CorpusDatasource(FileBasedDatasource):
 
     def __init__(self, files: list[InputFile], filesystem, text_field: str, id_field: str,
                  wanted_rows: ray.ObjectRef | None = None, wanted_files: set[int] | None = None,
-                 quarantine_dir: str | None = None):
+                 quarantine_dir: str | None = None, text_kind: str = "text"):
         """``wanted_rows``: optionally, a reference to {file index: table of ``line`` numbers and columns to attach},
         with ``wanted_files`` its keys; only those files are opened and only those rows parsed, and they come back
         with the attached columns (the select stage's writing pass reads back the rows it chose, with their scores).
@@ -95,6 +98,7 @@ class CorpusDatasource(FileBasedDatasource):
         super().__init__([f.path for f in files], filesystem=filesystem)
         self._text_field = text_field
         self._id_field = id_field
+        self._text_kind = text_kind
         self._wanted_rows = wanted_rows
         self._quarantine_dir = quarantine_dir
 
@@ -107,7 +111,7 @@ class CorpusDatasource(FileBasedDatasource):
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         file_index, key = self._lookup(path)
-        blocks = _FileBlocks(file_index, key, self._text_field, self._id_field)
+        blocks = _FileBlocks(file_index, key, self._text_field, self._id_field, self._text_kind)
         if self._wanted_rows is None:
             stream = blocks.parquet(f) if path.endswith(PARQUET_SUFFIXES) else blocks.jsonl(f)
             if self._quarantine_dir is None:
@@ -153,9 +157,9 @@ class _FileBlocks:
     is not a string) is parsed again line by line in Python, which can say which line is wrong and why.
     """
 
-    def __init__(self, file_index: int, key: str, text_field: str, id_field: str):
+    def __init__(self, file_index: int, key: str, text_field: str, id_field: str, text_kind: str = "text"):
         self.file_index, self.key = file_index, key
-        self.text_field, self.id_field = text_field, id_field
+        self.text_field, self.id_field, self.text_kind = text_field, id_field, text_kind
 
     def jsonl(self, f, wanted=None) -> Iterator[pa.Table]:
         wanted = None if wanted is None else set(wanted.tolist())
@@ -198,7 +202,7 @@ class _FileBlocks:
                 block = self._finish(table, numbers, lambda i: lines[i][:RAW_PREVIEW_CHARS].decode("utf-8", "replace"))
                 if block is not None:
                     return block
-        builder = _BlockBuilder(self.file_index, self.key, self.text_field, self.id_field)
+        builder = _BlockBuilder(self.file_index, self.key, self.text_field, self.id_field, self.text_kind)
         for i, (number, line) in enumerate(zip(numbers, lines)):
             if i in problems:
                 builder.add(number, None, *problems[i])
@@ -221,7 +225,7 @@ class _FileBlocks:
                     yield self._parquet_block(pa.Table.from_batches([batch]), positions.tolist())
         except (OSError, pa.ArrowException) as e:
             if wanted is None:  # the read-back of chosen rows never chooses the broken row
-                builder = _BlockBuilder(self.file_index, self.key, self.text_field, self.id_field)
+                builder = _BlockBuilder(self.file_index, self.key, self.text_field, self.id_field, self.text_kind)
                 builder.add(first, None, f"unreadable Parquet from row {first} on: {e}", None)
                 yield builder.flush()
 
@@ -229,7 +233,7 @@ class _FileBlocks:
         block = self._finish(table, positions, lambda i: json.dumps(
             table.slice(i, 1).to_pylist()[0], ensure_ascii=False, default=str)[:RAW_PREVIEW_CHARS])
         if block is None:
-            builder = _BlockBuilder(self.file_index, self.key, self.text_field, self.id_field)
+            builder = _BlockBuilder(self.file_index, self.key, self.text_field, self.id_field, self.text_kind)
             for position, record in zip(positions, table.to_pylist()):
                 builder.add(position, record, None, None)
             block = builder.flush()
@@ -239,6 +243,8 @@ class _FileBlocks:
         """Validate the text field and add ids and provenance, all vectorised; None when the text or id column has a
         type only the row-by-row path can describe."""
         n = table.num_rows
+        if self.text_kind != "text":
+            return None  # a conversation is checked turn by turn, row by row
         table = table.combine_chunks()
         if self.text_field in table.column_names:
             text = table.column(self.text_field)
@@ -478,8 +484,31 @@ def _parquet_records(f) -> Iterator[tuple[int, Any, str | None, str | None]]:
         yield row_number + 1, None, f"unreadable Parquet from row {row_number + 1} on: {e}", None
 
 
-def text_problem(record: dict, text_field: str) -> str | None:
-    """Why ``record`` has no usable text, or None when it has."""
+ROLES = ("system", "user", "assistant")
+
+
+def messages_problem(record: dict, field: str) -> str | None:
+    """Why ``record`` holds no usable conversation in ``field`` (turns of ``role`` and ``content``, a user's turn
+    among them, the assistant's last), or None when it does."""
+    turns = record.get(field)
+    if turns is None:
+        return f"missing messages field {field!r}"
+    if not isinstance(turns, list) or not turns:
+        return f"messages field {field!r} is not a list of turns (got {type(turns).__name__})"
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            return f"{field}[{k}]: not a turn with a role ({', '.join(ROLES)}) and a string content"
+    if turns[-1]["role"] != "assistant" or not turns[-1]["content"].strip():
+        return f"{field}: the last turn is not a non-empty assistant's turn (the response to learn)"
+    if not any(t["role"] == "user" for t in turns[:-1]):
+        return f"{field}: no user turn before the assistant's"
+    return None
+
+
+def text_problem(record: dict, text_field: str, text_kind: str = "text") -> str | None:
+    """Why ``record`` has no usable text (or conversation, for ``text_kind`` messages), or None when it has."""
+    if text_kind == "messages":
+        return messages_problem(record, text_field)
     if text_field not in record or record[text_field] is None:
         return f"missing text field {text_field!r}"
     value = record[text_field]
@@ -493,9 +522,9 @@ def text_problem(record: dict, text_field: str) -> str | None:
 class _BlockBuilder:
     """Collects rows of one file and turns them into a pyarrow block with the union of their fields."""
 
-    def __init__(self, file_index: int, key: str, text_field: str, id_field: str):
+    def __init__(self, file_index: int, key: str, text_field: str, id_field: str, text_kind: str = "text"):
         self.file_index, self.key = file_index, key
-        self.text_field, self.id_field = text_field, id_field
+        self.text_field, self.id_field, self.text_kind = text_field, id_field, text_kind
         self._reset()
 
     def _reset(self):
@@ -508,7 +537,7 @@ class _BlockBuilder:
 
     def add(self, line: int, record: dict | None, reason: str | None, raw: str | None) -> None:
         if record is not None and reason is None:
-            reason = text_problem(record, self.text_field)
+            reason = text_problem(record, self.text_field, self.text_kind)
             if reason is not None:
                 raw = json.dumps(record, ensure_ascii=False, default=str)[:RAW_PREVIEW_CHARS]
                 record = None
@@ -561,7 +590,7 @@ def read_corpus(spec: CorpusSpec, num_cpus: float | None = None, only_rows: pa.T
     filesystem, files = expand_inputs(spec.paths, SUPPORTED_SUFFIXES)
     if only_rows is None:
         datasource = CorpusDatasource(files, filesystem, spec.text_field, spec.id_field,
-                                      quarantine_dir=quarantine_dir)
+                                      quarantine_dir=quarantine_dir, text_kind=spec.text_kind)
         n_files = len(files)
     else:
         order = only_rows.column(ORDER).to_numpy()
@@ -571,7 +600,8 @@ def read_corpus(spec: CorpusSpec, num_cpus: float | None = None, only_rows: pa.T
                   for i in np.unique(file_index)}
         if not wanted:
             return ray.data.from_items([])
-        datasource = CorpusDatasource(files, filesystem, spec.text_field, spec.id_field, ray.put(wanted), set(wanted))
+        datasource = CorpusDatasource(files, filesystem, spec.text_field, spec.id_field, ray.put(wanted), set(wanted),
+                                      text_kind=spec.text_kind)
         n_files = len(wanted)
     # One read task per file: the datasource already streams each file in blocks, and Ray Data's splitting of read
     # outputs into many smaller blocks (to reach its default parallelism) only adds per-block costs downstream
@@ -616,6 +646,19 @@ def estimate_rows(paths: list[str]) -> int:
     return int(sum(sizes) * lines / max(consumed, 1))
 
 
+def first_record(paths: list[str]) -> dict | None:
+    """The first usable record of a file set (in file order), read on the driver: enough to tell a file's format."""
+    filesystem, files = expand_inputs(paths, SUPPORTED_SUFFIXES)
+    for f in files:
+        parquet = f.path.endswith(PARQUET_SUFFIXES)
+        handle = filesystem.open_input_file(f.path) if parquet else open_jsonl_stream(filesystem, f.path)
+        with handle:
+            for _, record, reason, _ in (_parquet_records(handle) if parquet else _jsonl_records(handle)):
+                if reason is None:
+                    return record
+    return None
+
+
 def read_texts_locally(spec: CorpusSpec, limit: int | None = None) -> tuple[list[str], list[dict]]:
     """Texts of a small file set (the in-domain examples) read on the driver, plus its quarantine records."""
     filesystem, files = expand_inputs(spec.paths, SUPPORTED_SUFFIXES)
@@ -630,7 +673,7 @@ def read_texts_locally(spec: CorpusSpec, limit: int | None = None) -> tuple[list
         with handle:
             for line, record, reason, raw in records:
                 if reason is None:
-                    reason = text_problem(record, spec.text_field)
+                    reason = text_problem(record, spec.text_field, spec.text_kind)
                     raw = None if reason is None else json.dumps(record, ensure_ascii=False, default=str)[:RAW_PREVIEW_CHARS]
                 if reason is None:
                     texts.append(record[spec.text_field])
@@ -655,6 +698,16 @@ def without_operator_reservations():
         yield
     finally:
         context.op_resource_reservation_enabled = previous
+
+
+def column_total(dataset: ray.data.Dataset, column: str) -> int:
+    """The sum of an integer column: a map and a take, not ``Dataset.sum``, whose hash aggregation starts aggregator
+    actors (seconds on a small machine, for one number)."""
+    def block_total(batch: pa.Table) -> pa.Table:
+        return pa.table({"total": [int(pc.sum(batch.column(column)).as_py() or 0)]})
+
+    return sum(row["total"] for row in dataset.map_batches(block_total, batch_format="pyarrow",
+                                                           batch_size=None).take_all())
 
 
 def drop_internal_columns(batch: pa.Table) -> pa.Table:

@@ -46,7 +46,8 @@ class TrainingSettings(TrainWorkers):
     seed: int = 0
     checkpoint_every: int = Field(50, gt=0, description="Steps between checkpoints (and the last step).")
     eval_every: int = Field(50, gt=0, description="Steps between evaluations on the held-out data.")
-    log_every: int = Field(10, gt=0, description="Steps between progress lines and metrics.jsonl entries.")
+    log_every: int = Field(10, gt=0, description="Steps between progress lines and metrics.jsonl entries (and the "
+                                                 "last step).")
 
 
 def plan_steps(rows: int, t: TrainingSettings) -> int:
@@ -72,7 +73,8 @@ def fit_hf(section: str, kind: str, stage: StageDir, ray_dir: str, run_folder_na
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if use_gpu else {}),
                  **t.resources_per_worker}
     _forget_other_runs(StageDir(paths.parent(ray_dir)), run_folder_name, ray_dir.rstrip("/").rsplit("/", 1)[-1])
-    config = {**loop, "stage": section, "kind": kind, "training": t.model_dump(mode="json"),
+    config = {**loop, "stage": section, "kind": kind,
+              "training": {**t.model_dump(mode="json"), "strategy": t.resolved_strategy},
               "total_steps": total_steps, "torch_threads": max(1, int(t.cpus_per_worker)),
               "run_folder": _absolute(paths.join(ray_dir, run_folder_name)),
               "progress_file": _absolute(stage.child(PROGRESS))}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from ..corpus import READ_TASK_CPUS, CorpusSpec, read_corpus
+from ..corpus import READ_TASK_CPUS, CorpusSpec, column_total, read_corpus
 from ..rundir import QUARANTINE_PARTS, StageDir, StageError, gather_quarantine
 
 DOCS_PER_PACK = 256  # documents concatenated per packing batch (the tail dropped at each is < block_size tokens)
@@ -77,7 +77,7 @@ def pack_source(name: str, files: list[str], text_field: str, id_field: str, mod
                                  compute=ActorPoolStrategy(size=tokenizer_actors), num_cpus=1).materialize()
     quarantined = [{"input": name, **row} for row in gather_quarantine_rows(stage)]
     documents = tokenised.count()
-    tokens = int(tokenised.sum("n_tokens") or 0) if documents else 0
+    tokens = column_total(tokenised, "n_tokens")
     blocks = tokenised.map_batches(pack_blocks, fn_kwargs={"block_size": block_size}, batch_size=DOCS_PER_PACK,
                                    batch_format="pyarrow").materialize()
     return Packed(name, blocks, documents, quarantined, tokens, blocks.count(), block_size)

@@ -1,12 +1,12 @@
 """DiagnosticSLM's last step: direct preference optimisation (DPO) with TRL's ``DPOTrainer`` on Ray Train workers,
 with LoRA (the reference model is the base with the adapter switched off).
 
-The pairs come from a pairs file (``prompt``, ``chosen``, ``rejected``) or are built from the judge's ratings: for
-one prompt, a response rated higher is chosen over one rated lower (``best_vs_worst``: the best against the worst;
-``all``: every pair at least ``min_margin`` apart). Sample several responses per prompt with ``generate``
-(``sampling.n``) and rate them with ``judge`` (``text_field: completion``); this stage then reads the judge's rated
-rows, kept and dropped. Writes ``<run>/preference/adapter`` (a PEFT folder), ``pairs/``, ``metrics.jsonl`` and
-``report.md``.
+The pairs come from a pairs file (``prompt``, ``chosen``, ``rejected``) or are built from ratings: for one prompt, a
+response rated higher is chosen over one rated lower (``best_vs_worst``: the best against the worst; ``all``: every
+pair at least ``min_margin`` apart). The ratings are a file of rated responses, or made here (``sample``: for each
+prompt, several answers sampled from the model being aligned, each rated by the LLM judge against its prompt:
+``preference_sampling.py``), or, with neither, this run's judge output (kept and dropped rows). Writes
+``<run>/preference/adapter`` (a PEFT folder), ``pairs/``, ``metrics.jsonl`` and ``report.md``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ from ..corpus import ORDER, READ_TASK_CPUS, SOURCE_FILE, SOURCE_LINE, CorpusSpec
 from ..rundir import QUARANTINE_PARTS, StageDir, StageError, gather_quarantine
 from ..schema import IdField, InputPaths, ModelRef, Strict
 from ..stage import Stage, StageClock, check_inputs, check_model, progress
-from .finetune import MESSAGES, TrainedReport, trained_report
+from .finetune import MESSAGES, MODEL_DIR, TrainedReport, pretrained_model, trained_report
 from .hf_run import LoraSettings, TrainingSettings, fit_hf, model_path, plan_steps, read_metrics
+from .preference_sampling import (RESPONSE, SAMPLED_DIR, ResponseSampling, check_sampling, empty_result_error,
+                                  sample_and_rate, sampling_prompts)
 from .softprompt import _absolute
 
 RAY_DIR, ADAPTER_DIR, PAIRS_DIR = "ray", "adapter", "pairs"
@@ -34,12 +36,16 @@ PAIR_SCHEMA = pa.schema([("prompt", MESSAGES), ("chosen", MESSAGES), ("rejected"
 
 class PreferenceConfig(Strict):
     """DPO with TRL's DPOTrainer (LoRA) on pairs given or built from the judge's ratings, on Ray Train."""
-    model: ModelRef = Field(description="The model to align: Hugging Face id or folder (e.g. finetune's merged "
-                                        "model).")
+    model: Optional[ModelRef] = Field(None, description="The model to align: Hugging Face id or folder; null = "
+                                                      "finetune's merged model (finetune.merge), else the model of "
+                                                      "the recipe's last pretrain stage.")
     pairs: Optional[InputPaths] = Field(None, description="Preference pairs (JSONL/Parquet: prompt, chosen, "
                                                         "rejected); instead of ratings.")
     ratings: Optional[InputPaths] = Field(None, description="Rated responses (several per prompt); null and no "
-                                                          "pairs = this run's judge output, kept and dropped rows.")
+                                                          "pairs or sample = this run's judge output, kept and "
+                                                          "dropped rows.")
+    sample: Optional[ResponseSampling] = Field(None, description="Make the ratings here: answers sampled from the "
+                                               "model, rated by the LLM judge (instead of pairs or ratings).")
     prompt_field: str = Field("prompt", description="ratings: the field holding the prompt responses share.")
     response_field: str = Field("completion", description="ratings: the field holding a response.")
     score_field: str = Field("judge_score", description="ratings: the field holding its score (higher is better).")
@@ -57,8 +63,9 @@ class PreferenceConfig(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "PreferenceConfig":
-        if self.pairs is not None and self.ratings is not None:
-            raise ValueError("pairs: give pairs or ratings, not both")
+        given = [name for name in ("pairs", "ratings", "sample") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{given[0]}: give one of pairs, ratings or sample, not {' and '.join(given)}")
         return self
 
 
@@ -95,6 +102,15 @@ def as_conversation(pair: dict, system_prompt: Optional[str]) -> dict:
         {"role": "user", "content": pair["prompt"]}]
     return {"prompt": prompt, "chosen": [{"role": "assistant", "content": pair["chosen"]}],
             "rejected": [{"role": "assistant", "content": pair["rejected"]}], "margin": pair.get("margin", 0.0)}
+
+
+def policy_model(cfg: PreferenceConfig, recipe) -> Optional[str]:
+    """The model aligned: as given, else the one the recipe fine-tunes (merged), else the one it pretrains."""
+    if cfg.model is not None:
+        return cfg.model
+    if recipe.finetune is not None:
+        return paths.join(recipe.run_dir, "finetune", MODEL_DIR) if recipe.finetune.merge else None
+    return pretrained_model(recipe)
 
 
 def ratings_inputs(cfg: PreferenceConfig, recipe) -> Optional[list[str]]:
@@ -148,6 +164,7 @@ def run_preference(cfg: PreferenceConfig, stage: StageDir, recipe, fingerprint: 
     from ..resources import cluster_cpus, cluster_gpus
 
     clock = StageClock()
+    model = policy_model(cfg, recipe)
     with clock.phase("pairs"):
         if cfg.pairs is not None:
             rows, quarantined = read_rows(cfg.pairs, "prompt", cfg.id_field, stage, ["prompt", "chosen", "rejected"])
@@ -156,17 +173,26 @@ def run_preference(cfg: PreferenceConfig, stage: StageDir, recipe, fingerprint: 
             filtered, used = {}, len(pairs)
             stage.write_jsonl("quarantine.jsonl", [{"input": "pairs", **q} for q in quarantined])
         else:
-            rows, quarantined = read_rows(ratings_inputs(cfg, recipe), cfg.response_field, cfg.id_field, stage,
-                                          [cfg.prompt_field, cfg.response_field, cfg.score_field])
-            missing_prompt = [r for r in rows if not isinstance(r.get(cfg.prompt_field), str)]
-            quarantined += [{"input": "ratings", "file": r[SOURCE_FILE], "line": r[SOURCE_LINE],
-                             "reason": f"prompt field {cfg.prompt_field!r} missing or not a string"}
-                            for r in missing_prompt]
+            if cfg.sample is not None:  # answers sampled from the model and rated by the judge, here
+                sampled = sample_and_rate(cfg.sample, model, cfg.system_prompt, recipe, stage, fingerprint)
+                inputs, fields = [sampled["rated"]], (sampled["prompt_field"], RESPONSE, "judge_score")
+                id_field, earlier = cfg.sample.id_field, sampled["quarantined"]
+            else:
+                inputs, fields = ratings_inputs(cfg, recipe), (cfg.prompt_field, cfg.response_field, cfg.score_field)
+                id_field, earlier = cfg.id_field, []
+            prompt_field, response_field, score_field = fields
+            rows, quarantined = read_rows(inputs, response_field, id_field, stage, list(fields))
+            missing_prompt = [r for r in rows if not isinstance(r.get(prompt_field), str)]
+            quarantined = earlier + quarantined + [
+                {"input": "ratings", "file": r[SOURCE_FILE], "line": r[SOURCE_LINE],
+                 "reason": f"prompt field {prompt_field!r} missing or not a string"} for r in missing_prompt]
             stage.write_jsonl("quarantine.jsonl", quarantined)
-            rows = [r for r in rows if isinstance(r.get(cfg.prompt_field), str)]
-            pairs, filtered, used = build_pairs(rows, cfg.prompt_field, cfg.response_field, cfg.score_field,
-                                                cfg.pairing, cfg.min_margin)
+            rows = [r for r in rows if isinstance(r.get(prompt_field), str)]
+            pairs, filtered, used = build_pairs(rows, prompt_field, response_field, score_field, cfg.pairing,
+                                                cfg.min_margin)
         counts = write_pairs(pairs, cfg, stage)
+    if cfg.sample is not None and counts["train"] < cfg.training.workers:
+        raise empty_result_error(counts, sampled)
     if counts["train"] < cfg.training.workers:
         raise StageError(f"preference.{'pairs' if cfg.pairs else 'ratings'}: {counts['train']} training pair(s) for "
                          f"{cfg.training.workers} workers (no prompt had responses rated at least "
@@ -174,7 +200,7 @@ def run_preference(cfg: PreferenceConfig, stage: StageDir, recipe, fingerprint: 
     total = plan_steps(counts["train"], cfg.training)
     progress(f"[preference] {counts['train']:,} pairs ({counts['validation']:,} held out), {total:,} DPO steps, "
              f"beta {cfg.beta:g}")
-    loop = {"model": cfg.model, "model_path": model_path(cfg.model),
+    loop = {"model": model, "model_path": model_path(model),
             "train_data": _absolute(stage.child(PAIRS_DIR, "train")),
             "eval_data": {"validation": _absolute(stage.child(PAIRS_DIR, "validation"))} if counts["validation"]
             else {}, "has_eval": bool(counts["validation"]), "lora": cfg.lora.model_dump(mode="json"),
@@ -187,12 +213,17 @@ def run_preference(cfg: PreferenceConfig, stage: StageDir, recipe, fingerprint: 
     history = read_metrics(stage)
     accuracy = [h["rewards/accuracies"] for h in history if "rewards/accuracies" in h]
     # Accounting in responses (ratings) or pair rows (a pairs file); the pairs themselves are counted apart.
-    report = trained_report("preference", cfg, stage, history, total, counts, quarantined, clock,
-                            f"DPO of {cfg.model} (beta {cfg.beta:g}, pairs "
-                            f"{cfg.pairing if cfg.pairs is None else 'given'})",
-                            extra_rows=[("reward accuracy", f"{accuracy[0]:.2f} -> {accuracy[-1]:.2f}" if accuracy
-                                         else "n/a")],
-                            extra={"rows_filtered": filtered, "beta": cfg.beta}, rows_used=used, unit="pairs")
+    sampling = {}
+    extra_rows = [("reward accuracy", f"{accuracy[0]:.2f} -> {accuracy[-1]:.2f}" if accuracy else "n/a")]
+    if cfg.sample is not None:
+        sampling = {"sampled": {k: sampled[k] for k in ("sampler", "judge", "responses_per_prompt", "rated")}}
+        extra_rows.append(("answers", f"{cfg.sample.responses} per prompt from {sampled['sampler']}, rated by "
+                                      f"{sampled['judge']} ({sampled['rated']})"))
+    report = trained_report("preference", cfg, model, stage, history, total, counts, quarantined, clock,
+                            f"DPO of {model} (beta {cfg.beta:g}, pairs "
+                            f"{cfg.pairing if cfg.pairs is None else 'given'})", extra_rows=extra_rows,
+                            extra={"rows_filtered": filtered, "beta": cfg.beta, **sampling}, rows_used=used,
+                            unit="pairs")
     return report
 
 
@@ -200,21 +231,39 @@ class Preference(Stage):
     name, config, report = "preference", PreferenceConfig, TrainedReport
     help = ("DPO with TRL's DPOTrainer (LoRA) on Ray Train, on pairs given or built from the judge's ratings; a "
             "PEFT adapter folder.")
-    kept_on_retry = (RAY_DIR,)
+    kept_on_retry = (RAY_DIR, SAMPLED_DIR)  # checkpoints, and the rated answers: a rerun resumes from them
 
     def check_recipe(self, cfg: PreferenceConfig, recipe) -> None:
-        if cfg.pairs is None and ratings_inputs(cfg, recipe) is None:
-            raise ValueError("preference.ratings: give ratings or pairs, or add a judge section whose ratings it reads")
+        if policy_model(cfg, recipe) is None:
+            raise ValueError("preference.model: required unless the recipe's finetune merges its adapter "
+                             "(finetune.merge: true) or, without finetune, it has a pretrain section")
+        if cfg.sample is not None:
+            check_sampling(cfg.sample, recipe)
+        elif cfg.pairs is None and ratings_inputs(cfg, recipe) is None:
+            raise ValueError("preference.ratings: give ratings, pairs or sample, or add a judge section whose "
+                             "ratings it reads")
 
     def preflight(self, cfg: PreferenceConfig, recipe) -> None:
         from .softprompt import check_resources
 
-        check_model("preference.model", cfg.model)
+        if cfg.model is not None:  # else an earlier stage's, written before this stage runs
+            check_model("preference.model", cfg.model)
         for field in ("pairs", "ratings"):
             if getattr(cfg, field) is not None:
                 check_inputs(f"preference.{field}", getattr(cfg, field))
+        if cfg.sample is not None:
+            for field in ("model", "judge_model"):
+                if getattr(cfg.sample, field) is not None:
+                    check_model(f"preference.sample.{field}", getattr(cfg.sample, field))
+            if cfg.sample.prompts is not None:
+                check_inputs("preference.sample.prompts", cfg.sample.prompts)
         if recipe.ray.address is None and recipe.ray.num_cpus is not None:
             check_resources(cfg.training, recipe.ray.num_cpus, float("inf"), "preference.training")
+
+    def upstream(self, cfg: PreferenceConfig, recipe) -> dict[str, str]:
+        if cfg.sample is not None and cfg.sample.prompts is None:
+            return {"preference.sample.prompts": sampling_prompts(cfg.sample, recipe)[0]}
+        return {}
 
     def run(self, cfg: PreferenceConfig, stage: StageDir, recipe) -> dict:
         return run_preference(cfg, stage, recipe, recipe.stage_fingerprint(self.name))

@@ -331,7 +331,7 @@ def _report(cfg: PretrainConfig, stage: StageDir, reports: dict, summary: dict, 
         "perplexity": {"domain": ppl_domain, "general": ppl_general},
         "tokens_per_second": {n: next((h["tokens_per_s"] for h in reversed(r["history"]) if "tokens_per_s" in h), 0)
                               for n, r in reports.items()},
-        "lora": cfg.lora is not None, **clock.timings(),
+        "lora": cfg.lora is not None, "strategy": cfg.training.resolved_strategy, **clock.timings(),
         "outputs": {**{f"{n}_model": stage.child(n, MODEL_DIR) for n in reports},
                     "quarantine": stage.child("quarantine.jsonl")},
     }

@@ -25,7 +25,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from .. import paths
-from ..corpus import READ_TASK_CPUS, CorpusSpec, ORDER, read_corpus
+from ..corpus import READ_TASK_CPUS, CorpusSpec, ORDER, column_total, read_corpus
 from ..report import _png, _pyplot, markdown_table, write_report
 from ..rundir import QUARANTINE_PARTS, StageDir, StageError, gather_quarantine
 from ..schema import IdField, InputPaths, ModelRef, Strict
@@ -60,11 +60,22 @@ class TrainWorkers(Strict):
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (nccl when > 0, else gloo).")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Other Ray resources per "
                                                    "worker, e.g. {accelerator_type:H100: 0.001}.")
-    strategy: Literal["ddp", "deepspeed"] = Field("deepspeed", description="How gradients are shared: DeepSpeed "
-                                                  "(ZeRO, offload, bf16) or plain PyTorch DDP.")
+    strategy: Literal["auto", "ddp", "deepspeed"] = Field(
+        "auto", description="How gradients are shared: DeepSpeed (ZeRO, offload, bf16) or plain PyTorch DDP; auto = "
+                            "DeepSpeed on GPUs or when a deepspeed section is given, else DDP.")
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (restarting from the "
                                                    "latest checkpoint) before the stage fails.")
+
+    @property
+    def resolved_strategy(self) -> str:
+        """``strategy`` with auto decided. On CPU workers ZeRO partitions nothing worth the cost (one worker: nothing
+        at all) and copies every gradient into and out of its flat buffers: a step takes about 20% longer than under
+        DDP (docs/benchmarks.md), so auto takes DeepSpeed where its memory savings and bf16 matter: on GPUs, or when
+        the recipe configures it."""
+        if self.strategy != "auto":
+            return self.strategy
+        return "deepspeed" if self.gpus_per_worker > 0 or "deepspeed" in self.model_fields_set else "ddp"
 
 
 class SoftPromptConfig(TrainWorkers):
@@ -132,7 +143,8 @@ class Tokenise:
 
 def train_loop_config(cfg: SoftPromptConfig, num_samples: int) -> dict:
     return {**cfg.model_dump(mode="json", exclude={"references", "text_field", "id_field"}),
-            "num_samples": num_samples, "torch_threads": max(1, int(cfg.cpus_per_worker))}
+            "strategy": cfg.resolved_strategy, "num_samples": num_samples,
+            "torch_threads": max(1, int(cfg.cpus_per_worker))}
 
 
 def run_name(fingerprint: str) -> str:
@@ -170,7 +182,7 @@ def run_softprompt(cfg: SoftPromptConfig, stage: StageDir, fingerprint: str) -> 
                          batch_format="pyarrow", compute=ActorPoolStrategy(size=1), num_cpus=1).materialize()
         quarantined = gather_quarantine(stage, "references")
         count = tokenised.count()
-        truncated = int(tokenised.sum("truncated") or 0) if count else 0
+        truncated = column_total(tokenised, "truncated") if count else 0
     if count < cfg.workers:
         raise StageError(f"softprompt.references: {count} usable reference(s) for {cfg.workers} workers; each "
                          f"worker needs one at least")
@@ -201,7 +213,8 @@ def run_softprompt(cfg: SoftPromptConfig, stage: StageDir, fingerprint: str) -> 
         "rows_quarantined": len(quarantined), "steps": history[-1]["step"], "final_loss": history[-1]["loss"],
         "references_truncated": truncated, "objective": cfg.objective, "model": cfg.model,
         "num_tokens": cfg.num_tokens, "private_tokens": cfg.private_tokens, "workers": cfg.workers,
-        "strategy": cfg.strategy, **({"zero_stage": cfg.deepspeed.zero_stage} if cfg.strategy == "deepspeed" else {}),
+        "strategy": cfg.resolved_strategy,
+        **({"zero_stage": cfg.deepspeed.zero_stage} if cfg.resolved_strategy == "deepspeed" else {}),
         "tokens_per_second": history[-1]["tokens_per_s"], **clock.timings(),
         "outputs": {"soft_prompt": stage.child(SOFT_PROMPT_DIR), "metrics": stage.child("metrics.jsonl"),
                     "checkpoints": paths.join(stage.child(RAY_DIR), name),
