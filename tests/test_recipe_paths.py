@@ -22,6 +22,7 @@ NOT_PATHS = {
     "generate.engine_options": "engine constructor arguments",
     "synthesize.engine_options": "engine constructor arguments",
     "judge.engine_options": "engine constructor arguments",
+    "preference.sample.engine_options": "engine constructor arguments",
     "synthesize.domino.prompt": "text placed after the soft prompt",
     "serve.served_model_name": "the name clients ask for",
     "kubernetes.image": "a container image tag",
