@@ -1,5 +1,5 @@
 """The ``domainsynth`` command line: ``select``, ``embed``, ``retrieve``, ``generate``, ``softprompt``,
-``synthesize``, ``qc``, ``judge``, ``pretrain``, ``finetune``, ``preference``, ``serve``, ``models``,
+``synthesize``, ``qc``, ``judge``, ``pretrain``, ``finetune``, ``preference``, ``evaluate``, ``serve``, ``models``,
 ``run RECIPE.yaml``, ``demo``, and for clusters ``submit``,
 ``jobs`` and ``k8s``."""
 
@@ -27,6 +27,7 @@ from ..pipelines.synthesis.domino import DominoConfig
 from ..pipelines.synthesis.generate import EnginePoolConfig, GenerateConfig
 from ..pipelines.synthesis.judge import JudgeConfig
 from ..pipelines.synthesis.qc import NearDedupConfig, QcConfig
+from ..pipelines.evaluation.tasks import BUILTIN as BUILTIN_TASKS
 from ..pipelines.training.finetune import FinetuneConfig
 from ..pipelines.training.preference import PreferenceConfig
 from ..pipelines.training.preference_sampling import ResponseSampling
@@ -301,6 +302,26 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_argument("--max-steps", type=_positive_int, metavar="N", help="optimizer steps (default: epochs decide)")
     dpo.add_argument("--workers", type=_positive_int, metavar="N", help="Ray Train workers (default 1)")
     _add_common(dpo)
+
+    evl = sub.add_parser(
+        "evaluate", help="lm-eval-harness on models side by side: built-in tasks, your task YAMLs, perplexity",
+        description="Score each --model with lm-eval-harness on each --task (a built-in task on the bundled data: "
+                    f"{', '.join(BUILTIN_TASKS)}; or the path of an lm-eval task YAML) and on the perplexity of "
+                    "--perplexity-text, one Ray task per model. A model is a folder, a Hugging Face id, smollm2, or "
+                    "BASE+ADAPTER_FOLDER for a LoRA or soft-prompt (PEFT) folder on a base. Writes "
+                    "RUN_DIR/evaluate/results.json, report.md (values with standard errors, deltas against the "
+                    "first model), results.png and tasks/ (the YAMLs lm-eval's CLI reads).")
+    evl.add_argument("--model", required=True, action="append", metavar="M", help="a model; the first is the base "
+                     "the deltas are against (repeatable)")
+    evl.add_argument("--task", action="append", metavar="NAME_OR_YAML", help="a built-in task or a task YAML "
+                     "(repeatable)")
+    evl.add_argument("--perplexity-text", action="append", metavar="FILE", help="held-out text (JSONL/Parquet, "
+                     "field text) whose perplexity each model gets (repeatable)")
+    evl.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory (local path or URI)")
+    evl.add_argument("--limit", type=_positive_int, metavar="N", help="items per task (default: all)")
+    evl.add_argument("--num-fewshot", type=int, metavar="N", help="few-shot examples per item (default: the "
+                     "task's own, zero for the built-in ones)")
+    _add_common(evl)
 
     syn = sub.add_parser(
         "synthesize", help="synthesize task data with an LLM: CRAFT task samples, TRAIT passages, DOMINO samples",
@@ -615,6 +636,27 @@ def recipe_from_preference_args(args: argparse.Namespace) -> Recipe:
                         args.overrides)
 
 
+def evaluation_model(spec: str) -> dict:
+    """``M`` or ``BASE+ADAPTER_FOLDER`` as an evaluate.models entry (no Hugging Face id holds a '+')."""
+    base, plus, adapter = spec.partition("+")
+    if plus and not (base and adapter):
+        raise RecipeError(f"evaluate --model {spec!r}: expected M or BASE+ADAPTER_FOLDER")
+    return {"model": base, **({"adapter": adapter} if plus else {})}
+
+
+def recipe_from_evaluate_args(args: argparse.Namespace) -> Recipe:
+    tasks = args.task or []
+    evaluate = {"models": [evaluation_model(m) for m in args.model],
+                "tasks": [t for t in tasks if not t.endswith((".yaml", ".yml"))],
+                **_given(args, "limit", "num_fewshot")}
+    task_files = [t for t in tasks if t.endswith((".yaml", ".yml"))]
+    if task_files:
+        evaluate["task_files"] = task_files
+    if args.perplexity_text:
+        evaluate["perplexity_text"] = args.perplexity_text
+    return build_recipe({"run_dir": args.out, "evaluate": evaluate}, "command line", os.getcwd(), args.overrides)
+
+
 def recipe_from_qc_args(args: argparse.Namespace) -> Recipe:
     qc: dict = {"input": args.input, **_given(args, "references", "text_field")}
     if args.eval:
@@ -721,11 +763,13 @@ def _command(args: argparse.Namespace, console: Console) -> int:
             recipe = recipe_from_retrieve_args(args)
         elif args.command == "generate":
             recipe = recipe_from_generate_args(args)
-        elif args.command in ("softprompt", "synthesize", "qc", "judge", "pretrain", "finetune", "preference"):
+        elif args.command in ("softprompt", "synthesize", "qc", "judge", "pretrain", "finetune", "preference",
+                              "evaluate"):
             recipe = {"softprompt": recipe_from_softprompt_args, "synthesize": recipe_from_synthesize_args,
                       "qc": recipe_from_qc_args, "judge": recipe_from_judge_args,
                       "pretrain": recipe_from_pretrain_args, "finetune": recipe_from_finetune_args,
-                      "preference": recipe_from_preference_args}[args.command](args)
+                      "preference": recipe_from_preference_args,
+                      "evaluate": recipe_from_evaluate_args}[args.command](args)
         elif args.command == "serve":
             recipe = recipe_from_serve_args(args)
         elif args.command == "run":

@@ -269,7 +269,13 @@ STAGE_ORDER = tuple(stage.name for stage in STAGES)
 def input_lists(recipe: Recipe, stage: str) -> list[tuple[str, list[str]]]:
     """(field, specs) for each input of ``stage`` that is a list of files, directories or globs (a corpus, prompts,
     samples), as the recipe sets it."""
-    return [(place, value) for place, role, value in section_paths(recipe.model_dump(mode="json"), Recipe, stage)
+    return [(place, specs) for place, specs, _ in input_lists_with_suffixes(recipe, stage)]
+
+
+def input_lists_with_suffixes(recipe: Recipe, stage: str) -> list[tuple[str, list[str], tuple[str, ...]]]:
+    """``input_lists``, each with the file formats its folders are read in (empty: the corpus formats)."""
+    return [(place, value, role.suffixes) for place, role, value in
+            section_paths(recipe.model_dump(mode="json"), Recipe, stage)
             if role.kind == "input" and isinstance(value, list)]
 
 

@@ -117,11 +117,11 @@ def skipped_inputs(recipe: Recipe, name: str) -> dict[str, list[dict]]:
     (hidden, or of another format), so that a user sees what a folder held beside the inputs."""
     from .corpus import SUPPORTED_SUFFIXES
     from .paths import expand_inputs_and_skipped
-    from .recipe import input_lists
+    from .recipe import input_lists_with_suffixes
 
     found = {}
-    for field, specs in input_lists(recipe, name):
-        _, _, skipped = expand_inputs_and_skipped(specs, SUPPORTED_SUFFIXES)
+    for field, specs, suffixes in input_lists_with_suffixes(recipe, name):
+        _, _, skipped = expand_inputs_and_skipped(specs, suffixes or SUPPORTED_SUFFIXES)
         if skipped:
             found[field] = skipped
     return found

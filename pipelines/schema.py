@@ -24,9 +24,11 @@ class Strict(BaseModel):
 class PathRole:
     """What a marked field names. ``input``: files, folders or globs (local paths are relative to the recipe's
     folder); ``model``: a Hugging Face id or a model folder (a folder when it exists there or starts with ./, ../ or
-    ~). ``prefix``: the value names a path only after this prefix (``hf:MODEL``)."""
+    ~). ``prefix``: the value names a path only after this prefix (``hf:MODEL``). ``suffixes``: the formats an input
+    folder's files are read in, where they are not the corpus formats (task YAMLs)."""
     kind: Literal["input", "model"]
     prefix: str = ""
+    suffixes: tuple[str, ...] = ()
 
 
 INPUT, MODEL = PathRole("input"), PathRole("model")
@@ -38,6 +40,9 @@ def _as_list(value: Any) -> Any:
 
 # A list of files, directories or globs (local or URIs): a corpus, prompts, samples, references.
 InputPaths = Annotated[list[str], BeforeValidator(_as_list), Field(min_length=1), INPUT]
+# A list of YAML files, folders of them or globs: evaluation task definitions.
+YamlPaths = Annotated[list[str], BeforeValidator(_as_list), Field(min_length=1), PathRole("input", suffixes=(".yaml",
+                                                                                                           ".yml"))]
 # One file or folder: a classifier, a template, a soft prompt, an index folder.
 InputPath = Annotated[str, INPUT]
 # A Hugging Face id or a model folder.

@@ -6,6 +6,7 @@ from .curation.embed import Embed
 from .curation.index import Index
 from .curation.retrieve import Retrieve
 from .curation.select import Select
+from .evaluation.evaluate import Evaluate
 from .synthesis.generate import Generate
 from .synthesis.judge import Judge
 from .synthesis.qc import Qc
@@ -16,6 +17,7 @@ from .training.pretrain import Pretrain
 from .training.softprompt import SoftPrompt
 
 # softprompt before synthesize: DOMINO samples from the soft prompt it learns. qc before judge: dropping duplicates is
-# cheap, a judgment is an LLM call per row. Then the model is adapted: pretrain, finetune on the samples, preference.
+# cheap, a judgment is an LLM call per row. Then the model is adapted: pretrain, finetune on the samples, preference;
+# and evaluate scores what the run made.
 STAGES = (Select(), Embed(), Index(), Retrieve(), Generate(), SoftPrompt(), Synthesize(), Qc(), Judge(), Pretrain(),
-          Finetune(), Preference())
+          Finetune(), Preference(), Evaluate())

@@ -1,0 +1,357 @@
+"""The loop's last question: did the adaptation help? Each model — the base, a pretrain stage's model, a LoRA or
+soft-prompt adapter on its base — is scored by lm-eval-harness on the same tasks (built-in ones on the bundled data,
+a user's task YAML, held-out perplexity on a user's text), one Ray task per model (a GPU each where the cluster has
+them), and the results are set side by side with their standard errors and their change from the first model.
+
+Writes ``<run>/evaluate/``: ``results.json`` (for machines), ``report.md`` (the table, deltas against the base),
+``results.png`` (a bar chart per task), ``tasks/`` (each task as the YAML lm-eval's CLI reads:
+``lm_eval --include_path <run>/evaluate/tasks`` reproduces a number) and ``models/`` (each model's lm-eval output,
+kept so a rerun after an interruption scores only the models not yet done).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from typing import Literal, Optional
+
+import yaml
+from pydantic import Field, model_validator
+
+from .. import paths
+from ..report import _png, _pyplot, markdown_table, write_report
+from ..rundir import StageDir
+from ..schema import InputPath, InputPaths, ModelRef, Strict, YamlPaths
+from ..stage import Stage, StageClock, StageReport, check_inputs, check_model, progress
+from .tasks import BUILTIN, TaskFileError, builtin_config, check_task, perplexity_config, user_task_config
+
+MODELS_DIR, TASKS_DIR = "models", "tasks"
+BuiltinTask = Literal[tuple(BUILTIN)]  # type: ignore[valid-type]
+
+
+class EvalModel(Strict):
+    """One model scored: a base model, optionally with a PEFT adapter on it."""
+    model: ModelRef = Field(description="Hugging Face id or model folder (or smollm2).")
+    adapter: Optional[InputPath] = Field(None, description="A PEFT folder put on the model: a LoRA adapter "
+                                                           "(finetune, preference) or a soft prompt (softprompt).")
+    name: Optional[str] = Field(None, description="The model's name in the results; null = made from its folders.")
+
+
+class EvaluateConfig(Strict):
+    """lm-eval-harness on each model, side by side."""
+    models: list[EvalModel] = Field(default_factory=list, description="The models, the base first (deltas are "
+                                    "against it); empty = the recipe's: its base, each pretrain stage's model, the "
+                                    "finetune and preference adapters and the soft prompt, as the recipe makes them.")
+    tasks: list[BuiltinTask] = Field(default_factory=list, description="Built-in tasks on the bundled data: "
+                                     + ", ".join(BUILTIN) + ".")
+    task_files: Optional[YamlPaths] = Field(None, description="lm-eval task YAMLs of your own (plain YAML; "
+                                             "local data_files are read from the YAML's folder).")
+    perplexity_text: Optional[InputPaths] = Field(None, description="Held-out domain text (JSONL/Parquet) whose "
+                                                  "perplexity each model gets (lm-eval's rolling log-likelihood).")
+    perplexity_field: str = Field("text", description="perplexity_text: the field holding a document.")
+    limit: Optional[int] = Field(None, gt=0, description="Items per task (the first N; null = all).")
+    num_fewshot: Optional[int] = Field(None, ge=0, description="Few-shot examples per item; null = each task's "
+                                       "own (zero for the built-in tasks).")
+    batch_size: int = Field(8, gt=0, description="lm-eval's batch size.")
+    bootstrap_iters: int = Field(100_000, ge=0, description="Bootstrap resamples for the standard errors of "
+                                 "metrics without a closed form, such as F1 (lm-eval's default; its CLI has no flag).")
+    seed: int = Field(1234, description="lm-eval's random seeds: Python, NumPy, torch and few-shot sampling (its "
+                                       "CLI's --seed N).")
+    cpus_per_model: float = Field(2, gt=0, description="CPUs of each model's Ray task (its torch threads).")
+
+    @model_validator(mode="after")
+    def _something_to_score(self) -> "EvaluateConfig":
+        if not (self.tasks or self.task_files or self.perplexity_text):
+            raise ValueError("evaluate.tasks: give at least one of tasks, task_files, perplexity_text")
+        return self
+
+
+class EvaluateReport(StageReport):
+    models: list[str]
+    tasks: list[str]
+
+
+# ---------------------------------------------------------------------------------------------------- which models
+def recipe_models(recipe) -> list[EvalModel]:
+    """What the recipe makes, in the order it makes it: the base model, each pretrain stage's model, the finetune
+    adapter (on its base), the preference adapter (on its policy) and the soft prompt (on its frozen model)."""
+    from ..training.finetune import ADAPTER_DIR, base_model
+    from ..training.preference import policy_model
+    from ..training.softprompt import SOFT_PROMPT_DIR
+
+    run = recipe.run_dir
+    models: list[EvalModel] = []
+    if recipe.pretrain is not None:
+        models.append(EvalModel(model=recipe.pretrain.model, name="base"))
+        models += [EvalModel(model=paths.join(run, "pretrain", s.name, "model"), name=f"pretrain/{s.name}")
+                   for s in recipe.pretrain.stages]
+    if recipe.finetune is not None and (base := base_model(recipe.finetune, recipe)) is not None:
+        if not models:
+            models.append(EvalModel(model=base, name="base"))
+        models.append(EvalModel(model=base, adapter=paths.join(run, "finetune", ADAPTER_DIR), name="finetune"))
+    if recipe.preference is not None and (policy := policy_model(recipe.preference, recipe)) is not None:
+        if not models:
+            models.append(EvalModel(model=policy, name="base"))
+        models.append(EvalModel(model=policy, adapter=paths.join(run, "preference", ADAPTER_DIR), name="preference"))
+    if recipe.softprompt is not None:
+        if not models:
+            models.append(EvalModel(model=recipe.softprompt.model, name="base"))
+        models.append(EvalModel(model=recipe.softprompt.model, adapter=paths.join(run, "softprompt", SOFT_PROMPT_DIR),
+                                name="softprompt"))
+    return models
+
+
+def models_of(cfg: EvaluateConfig, recipe) -> list[EvalModel]:
+    return cfg.models or recipe_models(recipe)
+
+
+def model_labels(models: list[EvalModel]) -> list[str]:
+    """Each model's name in the results: as given, else its folder's name (and its adapter's); unique."""
+    labels, seen = [], {}
+    for m in models:
+        label = m.name or "+".join(_short(p) for p in (m.model, m.adapter) if p)
+        seen[label] = seen.get(label, 0) + 1
+        labels.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
+    return labels
+
+
+def _short(path: str) -> str:
+    parts = [p for p in path.rstrip("/").split("/") if p]
+    # a stage's output folder (".../finetune/adapter") says more with its stage's name
+    return "/".join(parts[-2:]) if parts and parts[-1] in ("model", "adapter", "soft_prompt") else parts[-1]
+
+
+# ----------------------------------------------------------------------------------------------------- which tasks
+def task_configs(cfg: EvaluateConfig) -> list[dict]:
+    """Every task as an lm-eval config (TaskFileError naming the file and field for a task that cannot run)."""
+    return [config for config, _ in _tasks_with_sources(cfg)]
+
+
+def _tasks_with_sources(cfg: EvaluateConfig) -> list[tuple[dict, str]]:
+    """(config, where it comes from: the field or file an error names)."""
+    configs = [(builtin_config(name), f"evaluate.tasks: {name}") for name in cfg.tasks]
+    configs += [(user_task_config(path), f"task file {path}") for path in _task_files(cfg)]
+    if cfg.perplexity_text:
+        configs.append((perplexity_config("perplexity", _text_files(cfg.perplexity_text), cfg.perplexity_field),
+                        "evaluate.perplexity_text"))
+    names = [c["task"] for c, _ in configs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise TaskFileError(f"evaluate: task names must be unique; {', '.join(repeated)} appears more than once")
+    return configs
+
+
+def _task_files(cfg: EvaluateConfig) -> list[str]:
+    from ..paths import expand_inputs
+
+    if not cfg.task_files:
+        return []
+    _, files = expand_inputs(cfg.task_files, (".yaml", ".yml"))
+    return [f.path for f in files]
+
+
+def _text_files(specs: list[str]) -> list[str]:
+    from ..corpus import SUPPORTED_SUFFIXES
+    from ..paths import expand_inputs
+
+    _, files = expand_inputs(specs, SUPPORTED_SUFFIXES)
+    return [f.path for f in files]
+
+
+# ----------------------------------------------------------------------------------------------------------- the run
+def _settings(cfg: EvaluateConfig) -> dict:
+    return {"num_fewshot": cfg.num_fewshot, "batch_size": cfg.batch_size, "limit": cfg.limit,
+            "bootstrap_iters": cfg.bootstrap_iters, "seed": cfg.seed}
+
+
+def _result_name(model: EvalModel, tasks: list[dict], settings: dict) -> str:
+    """The file a model's results are kept in: a hash of everything that decides them."""
+    key = json.dumps([model.model, model.adapter, tasks, settings], sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:16] + ".json"
+
+
+def score_models(models: list[EvalModel], labels: list[str], tasks: list[dict], cfg: EvaluateConfig,
+                 stage: StageDir) -> dict[str, dict]:
+    """Each model's lm-eval output, one Ray task per model; a model scored before with the same tasks and settings
+    (a rerun after an interruption) is read back, not scored again."""
+    import ray
+
+    from ...actors.lm_eval_runner import evaluate_model
+    from ..resources import cluster_gpus
+    from ..training.hf_run import model_path
+
+    settings, kept = _settings(cfg), StageDir(stage.child(MODELS_DIR))
+    scored: dict[str, dict] = {}
+    pending = {}
+    remote = ray.remote(evaluate_model).options(num_cpus=cfg.cpus_per_model,
+                                                num_gpus=1 if cluster_gpus() else 0, max_retries=1)
+    for model, label in zip(models, labels):
+        name = _result_name(model, tasks, settings)
+        previous = kept.read_json(name)
+        if previous is not None:
+            scored[label] = previous
+            progress(f"[evaluate] {label}: scored before, kept")
+            continue
+        pending[remote.remote(model_path(model.model), model.adapter, tasks, settings)] = (label, name)
+    progress(f"[evaluate] {len(pending)} model(s) to score on {len(tasks)} task(s)")
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        label, name = pending.pop(done[0])
+        scored[label] = ray.get(done[0])
+        kept.write_json(name, scored[label])
+        progress(f"[evaluate] {label}: done ({len(scored)}/{len(models)})")
+    return scored
+
+
+def primary_metric(result: dict) -> Optional[str]:
+    """The number a task is read by: accuracy for multiple choice, exact match (strict) for generation, bits per
+    byte for perplexity; else the first metric lm-eval gives."""
+    keys = [k for k in result if "," in k and "_stderr" not in k]
+    for wanted in ("acc,none", "exact_match,strict-match", "exact_match,none", "bits_per_byte,none"):
+        if wanted in keys:
+            return wanted
+    return keys[0] if keys else None
+
+
+def results_table(labels: list[str], scored: dict[str, dict], tasks: list[str]) -> list[dict]:
+    """One row per (task, metric, model): value, standard error, change from the first model, which way is better."""
+    rows, base = [], labels[0]
+    for task in tasks:
+        metrics = [k for k in scored[base]["results"].get(task, {}) if "," in k and "_stderr" not in k]
+        for metric in metrics:
+            name, filt = metric.split(",", 1)
+            for label in labels:
+                result = scored[label]["results"].get(task, {})
+                value = result.get(metric)
+                stderr = result.get(f"{name}_stderr,{filt}")
+                base_value = scored[base]["results"].get(task, {}).get(metric)
+                rows.append({"task": task, "metric": metric, "model": label, "value": value,
+                             "stderr": stderr if isinstance(stderr, (int, float)) else None,
+                             "delta": (value - base_value) if label != base and _number(value) and
+                             _number(base_value) else None,
+                             "higher_is_better": scored[base]["higher_is_better"].get(task, {}).get(name),
+                             "items": scored[label]["n_samples"].get(task, {}).get("effective")})
+    return rows
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def results_png(labels: list[str], scored: dict[str, dict], tasks: list[str]) -> bytes:
+    """A panel per task: each model's primary metric with its standard error."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(4.0, 2.6 * len(tasks)), 3.6), dpi=110, squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, task in zip(axes[0], tasks):
+        metric = primary_metric(scored[labels[0]]["results"].get(task, {}))
+        values, errors = [], []
+        for label in labels:
+            result = scored[label]["results"].get(task, {})
+            value = result.get(metric) if metric else None
+            stderr = result.get(metric.replace(",", "_stderr,", 1)) if metric else None
+            values.append(value if _number(value) else 0.0)
+            errors.append(stderr if _number(stderr) else 0.0)
+        ax.bar(range(len(labels)), values, yerr=errors, capsize=3, color=[colours[i % len(colours)]
+                                                                          for i in range(len(labels))])
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"{task}\n{metric or 'no metric'}", fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _format(value, stderr) -> str:
+    if not _number(value):
+        return "n/a"
+    return f"{value:.4f}" + (f" ± {stderr:.4f}" if _number(stderr) else "")
+
+
+def run_evaluate(cfg: EvaluateConfig, stage: StageDir, recipe) -> dict:
+    clock = StageClock()
+    models = models_of(cfg, recipe)
+    labels = model_labels(models)
+    tasks = task_configs(cfg)
+    names = [t["task"] for t in tasks]
+    task_dir = StageDir(stage.child(TASKS_DIR))
+    for config in tasks:  # the YAML lm-eval's CLI reads, to reproduce any number here
+        task_dir.write_text(f"{config['task']}.yaml", yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    with clock.phase("score"):
+        scored = score_models(models, labels, tasks, cfg, stage)
+    rows = results_table(labels, scored, names)
+    items = sum(scored[label]["n_samples"].get(t, {}).get("effective", 0) for label in labels for t in names)
+    stage.write_json("results.json", {
+        "models": [{"name": label, **m.model_dump(mode="json"), "model_args": scored[label]["model_args"],
+                    "device": scored[label]["device"]} for m, label in zip(models, labels)],
+        "tasks": names, "rows": rows, "lm_eval_version": scored[labels[0]].get("lm_eval_version"),
+        "n_shot": scored[labels[0]]["n_shot"], "settings": _settings(cfg)})
+    stage.write_bytes("results.png", results_png(labels, scored, names))
+    header = "| task | metric | " + " | ".join(labels) + " |"
+    lines = [header, "|" + "---|" * (2 + len(labels))]
+    for task in names:
+        for metric in dict.fromkeys(r["metric"] for r in rows if r["task"] == task):
+            cells = []
+            for label in labels:
+                row = next(r for r in rows if r["task"] == task and r["metric"] == metric and r["model"] == label)
+                delta = f" ({row['delta']:+.4f})" if row["delta"] is not None else ""
+                cells.append(_format(row["value"], row["stderr"]) + delta)
+            arrow = {True: " ↑", False: " ↓"}.get(next(r["higher_is_better"] for r in rows
+                                                       if r["task"] == task and r["metric"] == metric), "")
+            lines.append(f"| {task} | {metric}{arrow} | " + " | ".join(cells) + " |")
+    report = {"stage": "evaluate", "rows_in": items, "rows_out": items, "models": labels, "tasks": names,
+              **clock.timings(), "outputs": {"results": stage.child("results.json"), "tasks": stage.child(TASKS_DIR),
+                                              "chart": stage.child("results.png")}}
+    model_rows = [(label, f"{m.model}" + (f" + {m.adapter}" if m.adapter else "")) for m, label in zip(models, labels)]
+    write_report(stage, report, "\n".join([
+        "# evaluate — lm-eval-harness, model by model", "", markdown_table([
+            *model_rows, ("items per model", ", ".join(f"{t} {scored[labels[0]]['n_samples'].get(t, {}).get('effective', 0):,}"
+                                                       for t in names)),
+            ("settings", f"{cfg.num_fewshot if cfg.num_fewshot is not None else 'each task own'} few-shot, batch "
+                         f"{cfg.batch_size}, seed {cfg.seed}, lm-eval {scored[labels[0]].get('lm_eval_version')}"),
+            ("seconds", report["seconds"])]), "",
+        f"Value ± standard error; in brackets the change from {labels[0]}. ↑: higher is better.", "",
+        *lines, "", "![results](results.png)", "",
+        f"Reproduce a number with lm-eval's CLI: `lm_eval --model hf --model_args "
+        f"{_cli_args(scored[labels[0]]['model_args'])} --include_path {stage.child(TASKS_DIR)} --tasks "
+        f"{','.join(names)} --device {scored[labels[0]]['device']} --batch_size {cfg.batch_size} --seed {cfg.seed}"
+        + (f" --limit {cfg.limit}" if cfg.limit else "")
+        + (f" --num_fewshot {cfg.num_fewshot}" if cfg.num_fewshot is not None else "") + "`", ""]))
+    return report
+
+
+def _cli_args(model_args: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in model_args.items())
+
+
+class Evaluate(Stage):
+    name, config, report = "evaluate", EvaluateConfig, EvaluateReport
+    help = ("lm-eval-harness on each model (base, pretrained stages, adapters, soft prompt): built-in tasks on the "
+            "bundled data, your own task YAMLs, held-out perplexity; a table with standard errors and deltas.")
+    kept_on_retry = (MODELS_DIR,)
+
+    def check_recipe(self, cfg: EvaluateConfig, recipe) -> None:
+        if not models_of(cfg, recipe):
+            raise ValueError("evaluate.models: required unless the recipe has a pretrain, finetune, preference or "
+                             "softprompt section (whose models it then scores)")
+
+    def preflight(self, cfg: EvaluateConfig, recipe) -> None:
+        if recipe.ray.address is None and recipe.ray.num_cpus is not None and cfg.cpus_per_model > recipe.ray.num_cpus:
+            raise ValueError(f"evaluate.cpus_per_model: {cfg.cpus_per_model:g} CPUs a model, but the local Ray has "
+                             f"{recipe.ray.num_cpus} (ray.num_cpus): the models would never be scheduled")
+        if cfg.perplexity_text:
+            check_inputs("evaluate.perplexity_text", cfg.perplexity_text)
+        for i, model in enumerate(cfg.models):
+            check_model(f"evaluate.models[{i}].model", model.model)
+            if model.adapter and not paths.is_uri(model.adapter) and not os.path.isfile(
+                    os.path.join(model.adapter, "adapter_config.json")):
+                raise FileNotFoundError(f"evaluate.models[{i}].adapter: {model.adapter!r} holds no PEFT adapter "
+                                        f"(expected a folder with adapter_config.json)")
+        for config, where in _tasks_with_sources(cfg):  # each builds and renders its first item before a model loads
+            check_task(config, where)
+
+    def run(self, cfg: EvaluateConfig, stage: StageDir, recipe) -> dict:
+        return run_evaluate(cfg, stage, recipe)
+
+    def summary(self, r: EvaluateReport) -> str:
+        return f"evaluate: {len(r.models)} model(s) on {len(r.tasks)} task(s), {r.rows_out:,} items scored"
