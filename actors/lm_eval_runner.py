@@ -4,7 +4,10 @@ prompts, metrics and standard errors), not code of ours. A model is a folder or 
 
 from __future__ import annotations
 
-from typing import Optional
+import time
+from typing import Callable, Optional
+
+import ray
 
 
 def lm_eval_model_args(model_path: str, adapter: Optional[str], device: str) -> dict:
@@ -13,24 +16,65 @@ def lm_eval_model_args(model_path: str, adapter: Optional[str], device: str) -> 
             **({"peft": adapter} if adapter else {})}
 
 
-def evaluate_model(model_path: str, adapter: Optional[str], tasks: list[dict], settings: dict) -> dict:
+@ray.remote(num_cpus=0)
+class EvalProgress:
+    """Requests each model's lm-eval has scored so far, for the driver's progress lines."""
+
+    def __init__(self) -> None:
+        self.scored: dict[str, int] = {}
+
+    def update(self, label: str, scored: int) -> None:
+        self.scored[label] = scored
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.scored)
+
+
+def _progress_hook(report: Callable[[int], None], every_s: float):
+    """An lm-eval cache hook that caches nothing and counts: lm-eval hands it every request it has scored (a choice's
+    log-likelihood, a document's rolling one, a generation), which is the progress a long evaluation shows."""
+    from lm_eval.api.model import CacheHook
+
+    class Counting(CacheHook):
+        def __init__(self) -> None:
+            super().__init__(None)
+            self.scored, self.reported_at = 0, time.monotonic()
+
+        def add_partial(self, attr, req, res) -> None:
+            self.scored += 1
+            if time.monotonic() - self.reported_at >= every_s:
+                self.reported_at = time.monotonic()
+                report(self.scored)
+
+    return Counting()
+
+
+def evaluate_model(model_path: str, adapter: Optional[str], tasks: list[dict], settings: dict,
+                   progress: Optional[Callable[[int], None]] = None, progress_every_s: float = 30.0) -> dict:
     """lm-eval's ``simple_evaluate`` on ``tasks`` (task configs); what the report needs of its output: results per
     task (metric values and their standard errors), items evaluated, few-shot counts, which way each metric is better,
-    versions, and the model arguments (to reproduce the run with lm-eval's CLI)."""
+    versions, the model arguments (to reproduce the run with lm-eval's CLI) and the requests scored. ``progress`` is
+    called with the requests scored so far, every ``progress_every_s``."""
     import os
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # tasks read local files; never reach for the Hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import lm_eval
     import torch
+    from lm_eval.api.registry import get_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model_args = lm_eval_model_args(model_path, adapter, device)
+    # The model built as simple_evaluate builds it from these arguments, so that the counting hook can be set on it.
+    lm = get_model("hf").create_from_arg_obj(model_args, {"batch_size": settings["batch_size"],
+                                                          "max_batch_size": None, "device": device})
+    hook = _progress_hook(progress or (lambda scored: None), progress_every_s)
+    lm.set_cache_hook(hook)
     out = lm_eval.simple_evaluate(
-        model="hf", model_args=model_args, device=device, tasks=[dict(t) for t in tasks], num_fewshot=settings.get("num_fewshot"),
+        model=lm, model_args=model_args, tasks=[dict(t) for t in tasks], num_fewshot=settings.get("num_fewshot"),
         batch_size=settings["batch_size"], limit=settings.get("limit"), log_samples=False,
         bootstrap_iters=settings["bootstrap_iters"], random_seed=settings["seed"],
         numpy_random_seed=settings["seed"], torch_random_seed=settings["seed"], fewshot_random_seed=settings["seed"])
     return {"results": out["results"], "n_samples": out["n-samples"], "n_shot": out["n-shot"],
             "higher_is_better": out["higher_is_better"], "versions": out["versions"], "model_args": model_args,
-            "lm_eval_version": out.get("lm_eval_version"), "device": device}
+            "lm_eval_version": out.get("lm_eval_version"), "device": device, "requests": hook.scored}

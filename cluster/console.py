@@ -25,13 +25,13 @@ import time
 import warnings
 from collections.abc import Iterator
 
+from ..pipelines.stage import PROGRESS_ENV, progress_interval  # PROGRESS_ENV: read here by tests and users
+
 MODES = ("quiet", "normal", "verbose")
 
 # Progress lines off a terminal: the first after this long in a stage, then one at this interval
 # ($DOMAINSYNTH_PROGRESS_SECONDS sets the interval, and the first line comes no later).
 FIRST_PROGRESS_S = 15.0
-PROGRESS_EVERY_S = 30.0
-PROGRESS_ENV = "DOMAINSYNTH_PROGRESS_SECONDS"
 
 # Library chatter in the workers (and the driver, unless verbose): model-loading bars, tqdm bars, advice.
 WORKER_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -53,10 +53,7 @@ class Console:
         if mode not in MODES:
             raise ValueError(f"output mode {mode!r}: expected one of {', '.join(MODES)}")
         self.mode = mode
-        try:
-            self.every_s = max(float(os.environ.get(PROGRESS_ENV) or PROGRESS_EVERY_S), 0.1)
-        except ValueError:
-            self.every_s = PROGRESS_EVERY_S
+        self.every_s = progress_interval()
         self.first_s = min(FIRST_PROGRESS_S, self.every_s)
         self._lock = threading.Lock()
         self._stage: str | None = None  # the stage named by the runner's last line

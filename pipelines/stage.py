@@ -102,6 +102,16 @@ class Stage:
 
 # ---------------------------------------------------------------------------------------- progress from inside a stage
 _progress_sink: Optional[Callable[[str], None]] = None
+# Seconds between progress lines ($DOMAINSYNTH_PROGRESS_SECONDS sets it): the console's, and a stage's own.
+PROGRESS_EVERY_S = 30.0
+PROGRESS_ENV = "DOMAINSYNTH_PROGRESS_SECONDS"
+
+
+def progress_interval() -> float:
+    try:
+        return max(float(os.environ.get(PROGRESS_ENV) or PROGRESS_EVERY_S), 0.1)
+    except ValueError:
+        return PROGRESS_EVERY_S
 
 
 @contextmanager

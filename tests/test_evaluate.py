@@ -1,7 +1,7 @@
 """evaluate on a real local Ray with the tiny model: lm-eval-harness scores a model and the same model under a soft
 prompt (a PEFT prompt-tuning folder) on a built-in task, a user's task YAML and held-out perplexity, with results
 equal to lm-eval's own CLI on the same inputs; a rerun after an interruption keeps the models already scored; a
-malformed task file fails before any work, naming the file and the field."""
+malformed task file fails before any work, naming the file and the field; progress counts the requests scored."""
 
 from __future__ import annotations
 
@@ -81,13 +81,17 @@ def test_evaluate_scores_models_as_lm_eval_cli_does_and_resumes(ray_local, tiny_
                "tasks": ["pubmedqa"], "task_files": [user_task], "perplexity_text": [held_out_text],
                "limit": LIMIT, "cpus_per_model": 1}
     recipe = build_recipe({"run_dir": str(tmp_path / "run"), "evaluate": section}, "test", "/")
-    report = run_recipe(recipe, echo=lambda _: None)["evaluate"]
+    first_run: list[str] = []
+    report = run_recipe(recipe, echo=first_run.append)["evaluate"]
     stage = tmp_path / "run" / "evaluate"
     results = json.load(open(stage / "results.json"))
     tasks = ["pubmedqa", "claims", "perplexity"]
     assert report["models"] == ["base", "soft-prompt"] and report["tasks"] == tasks
     assert report["rows_in"] == report["rows_out"] == 2 * 3 * LIMIT  # every item of every task, for each model
     assert sorted(os.listdir(stage / "tasks")) == sorted(f"{t}.yaml" for t in tasks)
+    # Progress counts what lm-eval scored: a log-likelihood per choice (6 x 3 + 6 x 2) and one per document.
+    for name in ("base", "soft-prompt"):
+        assert f"[evaluate] {name}: done, lm-eval requests scored: 36 " in "\n".join(first_run), first_run
 
     ours = {(r["model"], r["task"], r["metric"]): r for r in results["rows"]}
     for name, adapter in (("base", None), ("soft-prompt", soft_prompt_adapter)):
@@ -110,6 +114,7 @@ def test_evaluate_scores_models_as_lm_eval_cli_does_and_resumes(ray_local, tiny_
     assert bits["base"] != pytest.approx(bits["soft-prompt"], rel=1e-4)
     assert ours[("soft-prompt", "perplexity", "bits_per_byte,none")]["delta"] == pytest.approx(
         bits["soft-prompt"] - bits["base"])
+    assert results["chance_accuracy"] == {"pubmedqa": pytest.approx(1 / 3), "claims": 0.5, "perplexity": None}
     assert (stage / "results.png").read_bytes()[:4] == b"\x89PNG"
     markdown = (stage / "report.md").read_text()
     assert "| pubmedqa | acc,none ↑ |" in markdown and "| perplexity | bits_per_byte,none ↓ |" in markdown

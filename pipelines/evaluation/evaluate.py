@@ -11,6 +11,7 @@ kept so a rerun after an interruption scores only the models not yet done).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -24,8 +25,9 @@ from .. import paths
 from ..report import _png, _pyplot, markdown_table, write_report
 from ..rundir import StageDir
 from ..schema import InputPath, InputPaths, ModelRef, Strict, YamlPaths
-from ..stage import Stage, StageClock, StageReport, check_inputs, check_model, progress
-from .tasks import BUILTIN, TaskFileError, builtin_config, check_task, perplexity_config, user_task_config
+from ..stage import Stage, StageClock, StageReport, check_inputs, check_model, progress, progress_interval
+from .tasks import (BUILTIN, TaskFileError, builtin_config, chance_accuracy, check_task, perplexity_config,
+                    user_task_config)
 
 MODELS_DIR, TASKS_DIR = "models", "tasks"
 BuiltinTask = Literal[tuple(BUILTIN)]  # type: ignore[valid-type]
@@ -178,13 +180,15 @@ def score_models(models: list[EvalModel], labels: list[str], tasks: list[dict], 
     (a rerun after an interruption) is read back, not scored again."""
     import ray
 
-    from ...actors.lm_eval_runner import evaluate_model
+    from ...actors.lm_eval_runner import EvalProgress, evaluate_model
     from ..resources import cluster_gpus
     from ..training.hf_run import model_path
 
     settings, kept = _settings(cfg), StageDir(stage.child(MODELS_DIR))
     scored: dict[str, dict] = {}
     pending = {}
+    every_s = progress_interval()
+    counter = EvalProgress.remote()
     remote = ray.remote(evaluate_model).options(num_cpus=cfg.cpus_per_model,
                                                 num_gpus=1 if cluster_gpus() else 0, max_retries=1)
     for model, label in zip(models, labels):
@@ -194,15 +198,30 @@ def score_models(models: list[EvalModel], labels: list[str], tasks: list[dict], 
             scored[label] = previous
             progress(f"[evaluate] {label}: scored before, kept")
             continue
-        pending[remote.remote(model_path(model.model), model.adapter, tasks, settings)] = (label, name)
+        report = functools.partial(_report_to, counter, label)
+        pending[remote.remote(model_path(model.model), model.adapter, tasks, settings, report, every_s)] = (label,
+                                                                                                           name)
     progress(f"[evaluate] {len(pending)} model(s) to score on {len(tasks)} task(s)")
+    shown: dict[str, int] = {}
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=every_s)
+        if not done:  # a progress line for each model whose count moved
+            for label, count in ray.get(counter.snapshot.remote()).items():
+                if count != shown.get(label):
+                    shown[label] = count
+                    progress(f"[evaluate] {label}: lm-eval requests scored so far: {count:,}")
+            continue
         label, name = pending.pop(done[0])
         scored[label] = ray.get(done[0])
         kept.write_json(name, scored[label])
-        progress(f"[evaluate] {label}: done ({len(scored)}/{len(models)})")
+        progress(f"[evaluate] {label}: done, lm-eval requests scored: {scored[label]['requests']:,} "
+                 f"({len(scored)}/{len(models)} models)")
+    ray.kill(counter)
     return scored
+
+
+def _report_to(counter, label: str, scored: int) -> None:
+    counter.update.remote(label, scored)
 
 
 def primary_metric(result: dict) -> Optional[str]:
@@ -240,8 +259,9 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def results_png(labels: list[str], scored: dict[str, dict], tasks: list[str]) -> bytes:
-    """A panel per task: each model's primary metric with its standard error."""
+def results_png(labels: list[str], scored: dict[str, dict], tasks: list[str], chance: dict[str, float]) -> bytes:
+    """A panel per task: each model's primary metric with its standard error, and guessing's accuracy (dashed) on a
+    multiple-choice task."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(max(4.0, 2.6 * len(tasks)), 3.6), dpi=110, squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -256,6 +276,9 @@ def results_png(labels: list[str], scored: dict[str, dict], tasks: list[str]) ->
             errors.append(stderr if _number(stderr) else 0.0)
         ax.bar(range(len(labels)), values, yerr=errors, capsize=3, color=[colours[i % len(colours)]
                                                                           for i in range(len(labels))])
+        if chance.get(task) is not None and metric and metric.startswith("acc"):
+            ax.axhline(chance[task], color="#555555", linestyle="--", linewidth=0.9, label="chance")
+            ax.legend(fontsize=7, loc="lower right")
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
         ax.set_title(f"{task}\n{metric or 'no metric'}", fontsize=8)
     fig.tight_layout()
@@ -280,15 +303,16 @@ def run_evaluate(cfg: EvaluateConfig, stage: StageDir, recipe) -> dict:
     with clock.phase("score"):
         scored = score_models(models, labels, tasks, cfg, stage)
     rows = results_table(labels, scored, names)
+    chance = {config["task"]: chance_accuracy(config, cfg.limit) for config in tasks}
     items = sum(scored[label]["n_samples"].get(t, {}).get("effective", 0) for label in labels for t in names)
     stage.write_json("results.json", {
         "models": [{"name": label, **m.model_dump(mode="json"), "model_args": scored[label]["model_args"],
                     "device": scored[label]["device"]} for m, label in zip(models, labels)],
-        "tasks": names, "rows": rows, "lm_eval_version": scored[labels[0]].get("lm_eval_version"),
+        "tasks": names, "chance_accuracy": chance, "rows": rows, "lm_eval_version": scored[labels[0]].get("lm_eval_version"),
         "n_shot": scored[labels[0]]["n_shot"], "settings": _settings(cfg)})
-    stage.write_bytes("results.png", results_png(labels, scored, names))
-    header = "| task | metric | " + " | ".join(labels) + " |"
-    lines = [header, "|" + "---|" * (2 + len(labels))]
+    stage.write_bytes("results.png", results_png(labels, scored, names, chance))
+    header = "| task | metric | " + " | ".join(labels) + " | chance |"
+    lines = [header, "|" + "---|" * (3 + len(labels))]
     for task in names:
         for metric in dict.fromkeys(r["metric"] for r in rows if r["task"] == task):
             cells = []
@@ -298,7 +322,8 @@ def run_evaluate(cfg: EvaluateConfig, stage: StageDir, recipe) -> dict:
                 cells.append(_format(row["value"], row["stderr"]) + delta)
             arrow = {True: " ↑", False: " ↓"}.get(next(r["higher_is_better"] for r in rows
                                                        if r["task"] == task and r["metric"] == metric), "")
-            lines.append(f"| {task} | {metric}{arrow} | " + " | ".join(cells) + " |")
+            guess = f"{chance[task]:.4f}" if chance.get(task) is not None and metric.startswith("acc") else ""
+            lines.append(f"| {task} | {metric}{arrow} | " + " | ".join(cells) + f" | {guess} |")
     report = {"stage": "evaluate", "rows_in": items, "rows_out": items, "models": labels, "tasks": names,
               **clock.timings(), "outputs": {"results": stage.child("results.json"), "tasks": stage.child(TASKS_DIR),
                                               "chart": stage.child("results.png")}}
@@ -310,7 +335,8 @@ def run_evaluate(cfg: EvaluateConfig, stage: StageDir, recipe) -> dict:
             ("settings", f"{cfg.num_fewshot if cfg.num_fewshot is not None else 'each task own'} few-shot, batch "
                          f"{cfg.batch_size}, seed {cfg.seed}, lm-eval {scored[labels[0]].get('lm_eval_version')}"),
             ("seconds", report["seconds"])]), "",
-        f"Value ± standard error; in brackets the change from {labels[0]}. ↑: higher is better.", "",
+        f"Value ± standard error; in brackets the change from {labels[0]}. ↑: higher is better. chance: the accuracy "
+        f"of guessing (the mean of 1 / choices over the items).", "",
         *lines, "", "![results](results.png)", "",
         f"Reproduce a number with lm-eval's CLI: `lm_eval --model hf --model_args "
         f"{_cli_args(scored[labels[0]]['model_args'])} --include_path {stage.child(TASKS_DIR)} --tasks "

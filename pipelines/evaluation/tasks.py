@@ -183,3 +183,19 @@ def _render(where: str, field: str, render, doc):
         return render(doc)
     except Exception as e:
         raise TaskFileError(f"{where}: {field}: cannot render on the first item: {type(e).__name__}: {e}") from None
+
+
+def chance_accuracy(config: dict, limit: Optional[int]) -> Optional[float]:
+    """A multiple-choice task's accuracy by guessing: the mean of 1 / choices over the items evaluated (the first
+    ``limit``); None for other output types."""
+    if config.get("output_type") != "multiple_choice":
+        return None
+    import datasets
+    from lm_eval.api.task import ConfigurableTask
+
+    datasets.disable_progress_bars()
+    task = ConfigurableTask(config=dict(config))
+    docs = task.eval_docs
+    count = len(docs) if limit is None else min(limit, len(docs))
+    return sum(1 / len(task.doc_to_choice(docs[i])) for i in range(count)) / count if count else None
+
