@@ -66,8 +66,8 @@ def held_out_text(tmp_path_factory) -> str:
 def lm_eval_cli(model_args: str, tasks_dir: str, tasks: list[str], out: str) -> dict:
     """lm-eval's own command line on the task YAMLs the stage wrote; its results by task."""
     subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", model_args, "--include_path",
-                    tasks_dir, "--tasks", ",".join(tasks), "--limit", str(LIMIT), "--device", "cpu", "--batch_size", "8", "--seed",
-                    "1234", "--output_path", out],
+                    tasks_dir, "--tasks", ",".join(tasks), "--limit", str(LIMIT), "--device", "cpu", "--batch_size",
+                    "8", "--seed", "1234", "--output_path", out],
                    check=True, capture_output=True, text=True, timeout=600,
                    env={**os.environ, "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
     [results] = glob.glob(os.path.join(out, "**", "results_*.json"), recursive=True)

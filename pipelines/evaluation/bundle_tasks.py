@@ -1,5 +1,6 @@
-"""Builds the built-in evaluation tasks' data (``pipelines/evaluation/tasks/NAME.SPLIT.jsonl``) from the public datasets in a
-``shared/data`` folder, so a clone evaluates offline. Run once when a task is added; the output is committed:
+"""Builds the built-in evaluation tasks' data (``pipelines/evaluation/tasks/NAME.SPLIT.jsonl``) from the public
+datasets in a ``shared/data`` folder, so a clone evaluates offline. Run once when a task is added; the output is
+committed:
 
     python -m domainsynth.pipelines.evaluation.bundle_tasks ../shared/data
 

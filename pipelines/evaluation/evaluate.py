@@ -291,6 +291,32 @@ def _format(value, stderr) -> str:
     return f"{value:.4f}" + (f" ± {stderr:.4f}" if _number(stderr) else "")
 
 
+def results_markdown(labels: list[str], rows: list[dict], tasks: list[str], chance: dict) -> list[str]:
+    """The results table: a row per task and metric, a column per model (value ± standard error, change from the
+    first model), and guessing's accuracy."""
+    lines = ["| task | metric | " + " | ".join(labels) + " | chance |", "|" + "---|" * (3 + len(labels))]
+    by_key = {(r["task"], r["metric"], r["model"]): r for r in rows}
+    for task in tasks:
+        for metric in dict.fromkeys(r["metric"] for r in rows if r["task"] == task):
+            cells = []
+            for label in labels:
+                row = by_key[(task, metric, label)]
+                delta = f" ({row['delta']:+.4f})" if row["delta"] is not None else ""
+                cells.append(_format(row["value"], row["stderr"]) + delta)
+            arrow = {True: " ↑", False: " ↓"}.get(by_key[(task, metric, labels[0])]["higher_is_better"], "")
+            guess = f"{chance[task]:.4f}" if chance.get(task) is not None and metric.startswith("acc") else ""
+            lines.append(f"| {task} | {metric}{arrow} | " + " | ".join(cells) + f" | {guess} |")
+    return lines
+
+
+def lm_eval_command(cfg: EvaluateConfig, base: dict, tasks: list[str], task_dir: str) -> str:
+    """lm-eval's own command line that reproduces the first model's numbers from the task YAMLs written here."""
+    return (f"lm_eval --model hf --model_args {','.join(f'{k}={v}' for k, v in base['model_args'].items())} "
+            f"--include_path {task_dir} --tasks {','.join(tasks)} --device {base['device']} --batch_size "
+            f"{cfg.batch_size} --seed {cfg.seed}" + (f" --limit {cfg.limit}" if cfg.limit else "")
+            + (f" --num_fewshot {cfg.num_fewshot}" if cfg.num_fewshot is not None else ""))
+
+
 def run_evaluate(cfg: EvaluateConfig, stage: StageDir, recipe) -> dict:
     clock = StageClock()
     models = models_of(cfg, recipe)
@@ -305,49 +331,29 @@ def run_evaluate(cfg: EvaluateConfig, stage: StageDir, recipe) -> dict:
     rows = results_table(labels, scored, names)
     chance = {config["task"]: chance_accuracy(config, cfg.limit) for config in tasks}
     items = sum(scored[label]["n_samples"].get(t, {}).get("effective", 0) for label in labels for t in names)
+    base = scored[labels[0]]
     stage.write_json("results.json", {
         "models": [{"name": label, **m.model_dump(mode="json"), "model_args": scored[label]["model_args"],
                     "device": scored[label]["device"]} for m, label in zip(models, labels)],
-        "tasks": names, "chance_accuracy": chance, "rows": rows, "lm_eval_version": scored[labels[0]].get("lm_eval_version"),
-        "n_shot": scored[labels[0]]["n_shot"], "settings": _settings(cfg)})
+        "tasks": names, "chance_accuracy": chance, "rows": rows, "lm_eval_version": base.get("lm_eval_version"),
+        "n_shot": base["n_shot"], "settings": _settings(cfg)})
     stage.write_bytes("results.png", results_png(labels, scored, names, chance))
-    header = "| task | metric | " + " | ".join(labels) + " | chance |"
-    lines = [header, "|" + "---|" * (3 + len(labels))]
-    for task in names:
-        for metric in dict.fromkeys(r["metric"] for r in rows if r["task"] == task):
-            cells = []
-            for label in labels:
-                row = next(r for r in rows if r["task"] == task and r["metric"] == metric and r["model"] == label)
-                delta = f" ({row['delta']:+.4f})" if row["delta"] is not None else ""
-                cells.append(_format(row["value"], row["stderr"]) + delta)
-            arrow = {True: " ↑", False: " ↓"}.get(next(r["higher_is_better"] for r in rows
-                                                       if r["task"] == task and r["metric"] == metric), "")
-            guess = f"{chance[task]:.4f}" if chance.get(task) is not None and metric.startswith("acc") else ""
-            lines.append(f"| {task} | {metric}{arrow} | " + " | ".join(cells) + f" | {guess} |")
     report = {"stage": "evaluate", "rows_in": items, "rows_out": items, "models": labels, "tasks": names,
               **clock.timings(), "outputs": {"results": stage.child("results.json"), "tasks": stage.child(TASKS_DIR),
                                               "chart": stage.child("results.png")}}
     model_rows = [(label, f"{m.model}" + (f" + {m.adapter}" if m.adapter else "")) for m, label in zip(models, labels)]
     write_report(stage, report, "\n".join([
         "# evaluate — lm-eval-harness, model by model", "", markdown_table([
-            *model_rows, ("items per model", ", ".join(f"{t} {scored[labels[0]]['n_samples'].get(t, {}).get('effective', 0):,}"
+            *model_rows, ("items per model", ", ".join(f"{t} {base['n_samples'].get(t, {}).get('effective', 0):,}"
                                                        for t in names)),
             ("settings", f"{cfg.num_fewshot if cfg.num_fewshot is not None else 'each task own'} few-shot, batch "
-                         f"{cfg.batch_size}, seed {cfg.seed}, lm-eval {scored[labels[0]].get('lm_eval_version')}"),
+                         f"{cfg.batch_size}, seed {cfg.seed}, lm-eval {base.get('lm_eval_version')}"),
             ("seconds", report["seconds"])]), "",
-        f"Value ± standard error; in brackets the change from {labels[0]}. ↑: higher is better. chance: the accuracy "
-        f"of guessing (the mean of 1 / choices over the items).", "",
-        *lines, "", "![results](results.png)", "",
-        f"Reproduce a number with lm-eval's CLI: `lm_eval --model hf --model_args "
-        f"{_cli_args(scored[labels[0]]['model_args'])} --include_path {stage.child(TASKS_DIR)} --tasks "
-        f"{','.join(names)} --device {scored[labels[0]]['device']} --batch_size {cfg.batch_size} --seed {cfg.seed}"
-        + (f" --limit {cfg.limit}" if cfg.limit else "")
-        + (f" --num_fewshot {cfg.num_fewshot}" if cfg.num_fewshot is not None else "") + "`", ""]))
+        f"Value ± standard error; in brackets the change from {labels[0]}. ↑: higher is better. chance: the "
+        f"accuracy of guessing (the mean of 1 / choices over the items).", "",
+        *results_markdown(labels, rows, names, chance), "", "![results](results.png)", "",
+        f"Reproduce a number with lm-eval's CLI: `{lm_eval_command(cfg, base, names, stage.child(TASKS_DIR))}`", ""]))
     return report
-
-
-def _cli_args(model_args: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in model_args.items())
 
 
 class Evaluate(Stage):

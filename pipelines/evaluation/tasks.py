@@ -44,7 +44,8 @@ BUILTIN: dict[str, dict] = {
         "Sentence: {{text}}\nQuestion: Is the sentiment of this financial news positive, negative or neutral?\n"
         "Answer:", ["negative", "neutral", "positive"], "{{['negative', 'neutral', 'positive'].index(label)}}"),
     "gsm8k": {
-        "output_type": "generate_until", "doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_target": "{{answer}}",
+        "output_type": "generate_until", "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_target": "{{answer}}",
         "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
                          "ignore_case": True, "ignore_punctuation": False,
                          "regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"]}],
@@ -78,9 +79,10 @@ def perplexity_config(name: str, files: list[str], field: str) -> dict:
     return {"task": name, "dataset_path": kind, "dataset_kwargs": {"data_files": {"test": list(files)}},
             "test_split": "test", "output_type": "loglikelihood_rolling", "doc_to_text": "",
             "doc_to_target": f"{{{{{field}}}}}",
-            "metric_list": [{"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
-                            {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
-                            {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False}],
+            "metric_list": [{"metric": metric, "aggregation": aggregation, "higher_is_better": False}
+                            for metric, aggregation in (("word_perplexity", "weighted_perplexity"),
+                                                        ("byte_perplexity", "weighted_perplexity"),
+                                                        ("bits_per_byte", "bits_per_byte"))],
             "metadata": {"version": 1.0}}
 
 
