@@ -22,6 +22,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from .. import paths
+from ..corpus import SUPPORTED_SUFFIXES
 from ..report import _png, _pyplot, markdown_table, write_report
 from ..rundir import StageDir
 from ..schema import InputPath, InputPaths, ModelRef, Strict, YamlPaths
@@ -134,9 +135,10 @@ def task_configs(cfg: EvaluateConfig) -> list[dict]:
 def _tasks_with_sources(cfg: EvaluateConfig) -> list[tuple[dict, str]]:
     """(config, where it comes from: the field or file an error names)."""
     configs = [(builtin_config(name), f"evaluate.tasks: {name}") for name in cfg.tasks]
-    configs += [(user_task_config(path), f"task file {path}") for path in _task_files(cfg)]
+    configs += [(user_task_config(path), f"task file {path}") for path in _files(cfg.task_files, (".yaml", ".yml"))]
     if cfg.perplexity_text:
-        configs.append((perplexity_config("perplexity", _text_files(cfg.perplexity_text), cfg.perplexity_field),
+        configs.append((perplexity_config("perplexity", _files(cfg.perplexity_text, SUPPORTED_SUFFIXES),
+                                          cfg.perplexity_field),
                         "evaluate.perplexity_text"))
     names = [c["task"] for c, _ in configs]
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -145,21 +147,11 @@ def _tasks_with_sources(cfg: EvaluateConfig) -> list[tuple[dict, str]]:
     return configs
 
 
-def _task_files(cfg: EvaluateConfig) -> list[str]:
+def _files(specs: Optional[list[str]], suffixes: tuple[str, ...]) -> list[str]:
+    """The files that input specs (files, folders, globs) name, as the stages expand them."""
     from ..paths import expand_inputs
 
-    if not cfg.task_files:
-        return []
-    _, files = expand_inputs(cfg.task_files, (".yaml", ".yml"))
-    return [f.path for f in files]
-
-
-def _text_files(specs: list[str]) -> list[str]:
-    from ..corpus import SUPPORTED_SUFFIXES
-    from ..paths import expand_inputs
-
-    _, files = expand_inputs(specs, SUPPORTED_SUFFIXES)
-    return [f.path for f in files]
+    return [f.path for f in expand_inputs(specs, suffixes)[1]] if specs else []
 
 
 # ----------------------------------------------------------------------------------------------------------- the run
