@@ -61,10 +61,32 @@ def evaluate_model(model_path: str, adapter: Optional[str], tasks: list[dict], s
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import lm_eval
     import torch
-    from lm_eval.api.registry import get_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model_args = lm_eval_model_args(model_path, adapter, device)
+    scored = {"results": {}, "n_samples": {}, "n_shot": {}, "higher_is_better": {}, "versions": {},
+              "model_args": model_args, "lm_eval_version": lm_eval.__version__, "device": device, "requests": 0}
+    if tasks:
+        scored.update(_lm_eval(model_args, device, tasks, settings, progress, progress_every_s))
+    if settings.get("code"):
+        done_before = scored["requests"]
+        code = _code_task(model_path, adapter, device, settings["code"],
+                          lambda done: progress(done_before + done) if progress else None)
+        scored["code"] = code
+        for key, part in code_results(code, settings["code"]["k"]).items():
+            scored[key][CODE_TASK] = part
+        scored["requests"] += code["samples"]
+    return scored
+
+
+CODE_TASK = "leetcode"
+
+
+def _lm_eval(model_args: dict, device: str, tasks: list[dict], settings: dict,
+             progress: Optional[Callable[[int], None]], progress_every_s: float) -> dict:
+    import lm_eval
+    from lm_eval.api.registry import get_model
+
     # The model built as simple_evaluate builds it from these arguments, so that the counting hook can be set on it.
     lm = get_model("hf").create_from_arg_obj(model_args, {"batch_size": settings["batch_size"],
                                                           "max_batch_size": None, "device": device})
@@ -76,5 +98,37 @@ def evaluate_model(model_path: str, adapter: Optional[str], tasks: list[dict], s
         bootstrap_iters=settings["bootstrap_iters"], random_seed=settings["seed"],
         numpy_random_seed=settings["seed"], torch_random_seed=settings["seed"], fewshot_random_seed=settings["seed"])
     return {"results": out["results"], "n_samples": out["n-samples"], "n_shot": out["n-shot"],
-            "higher_is_better": out["higher_is_better"], "versions": out["versions"], "model_args": model_args,
-            "lm_eval_version": out.get("lm_eval_version"), "device": device, "requests": hook.scored}
+            "higher_is_better": out["higher_is_better"], "versions": out["versions"],
+            "lm_eval_version": out.get("lm_eval_version"), "requests": hook.scored}
+
+
+def _code_task(model_path: str, adapter: Optional[str], device: str, code: dict,
+               progress: Callable[[int], None]) -> dict:
+    """pass@k of the model on the code problems: programs sampled by our own engine (as generate samples), each run
+    in the sandbox. The sandboxes share the CPUs Ray gave this task (OMP_NUM_THREADS is what it set)."""
+    import os
+
+    from ..actors.code_sandbox import Limits
+    from ..pipelines.evaluation.code_tasks import evaluate_code, load_problems
+
+    problems = load_problems(code["problems"], code["limit"], code["after"])
+    workers = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+    def counted(phase: str, done: int, total: int) -> None:  # programs written (each is a request to the model)
+        if phase == "generate":
+            progress(done * code["samples"])
+
+    return evaluate_code(model_path, adapter, problems, n=code["samples"], ks=code["k"], sampling=code["sampling"],
+                         limits=Limits(wall_s=code["wall_seconds"], memory_mb=code["memory_mb"]), device=device,
+                         workers=workers, progress=counted)
+
+
+def code_results(code: dict, ks: list[int]) -> dict[str, dict]:
+    """The code task in lm-eval's result shape (metric,filter keys; items; which way is better), so the results
+    table, chart and deltas treat it as any other task."""
+    results = {}
+    for k in ks:
+        value = code["pass@k"][f"pass@{k}"]
+        results[f"pass@{k},none"], results[f"pass@{k}_stderr,none"] = value["value"], value["stderr"]
+    scored = len(code["problems"])
+    return {"results": results, "n_samples": {"original": scored, "effective": scored},
+            "higher_is_better": {f"pass@{k}": True for k in ks}, "n_shot": 0, "versions": "LeetCodeDataset-v0.3.1"}

@@ -33,6 +33,7 @@ from ..pipelines.training.preference import PreferenceConfig
 from ..pipelines.training.preference_sampling import ResponseSampling
 from ..pipelines.training.softprompt import SoftPromptConfig
 from . import ray_runtime
+from .adapt import adapt_recipe, serve_adapted, write_report_page
 from .console import Console
 from ..actors.model_cache import CACHE_ENV
 from ..actors.smollm2 import ModelUnavailable
@@ -321,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     evl.add_argument("--limit", type=_positive_int, metavar="N", help="items per task (default: all)")
     evl.add_argument("--num-fewshot", type=int, metavar="N", help="few-shot examples per item (default: the "
                      "task's own, zero for the built-in ones)")
+    evl.add_argument("--code", nargs="?", const="", default=None, metavar="PROBLEMS",
+                     help="pass@k on code problems, each program run in a sandbox (default problems: the bundled "
+                          "LeetCodeDataset test split; or a JSONL with its fields)")
+    evl.add_argument("--code-samples", type=_positive_int, metavar="N", help="programs per problem (default 1); "
+                     "pass@1 and, with N >= 10, pass@10 are reported")
+    evl.add_argument("--code-after", metavar="YYYY-MM-DD", help="only problems released after this date")
     _add_common(evl)
 
     syn = sub.add_parser(
@@ -443,6 +450,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/quickstart", metavar="RUN_DIR",
                       help="run directory (default: runs/quickstart)")
     _add_common(demo)
+
+    adapt = sub.add_parser(
+        "adapt", help="the whole loop: a few examples and a corpus -> an adapted model, evaluated and served",
+        description="Run RECIPE.yaml (default: the bundled examples/adapt.yaml, SmolLM2 on bundled data) from "
+                    "selection to evaluation, write the run's report (RUN_DIR/index.html), then start the endpoint "
+                    "on the last model the run made and ask it one question through its OpenAI API. With --serve "
+                    "the endpoint stays up until Ctrl-C.")
+    adapt.add_argument("recipe", metavar="RECIPE.yaml", nargs="?", default=None,
+                       help="the recipe (default: examples/adapt.yaml)")
+    adapt.add_argument("--out", default=None, metavar="RUN_DIR",
+                       help="run directory (default: the recipe's run_dir; runs/adapt for the bundled one)")
+    adapt.add_argument("--serve", action="store_true", help="keep the endpoint up until Ctrl-C")
+    adapt.add_argument("--no-endpoint", dest="endpoint", action="store_false",
+                       help="stop after the report: do not start the endpoint")
+    _add_common(adapt)
+
+    report = sub.add_parser("report", help="(re)write a run's report page, RUN_DIR/index.html",
+                            description="Write RUN_DIR/index.html and RUN_DIR/site/ from what the run's stages "
+                                        "wrote: the stages table, the data map, training curves, evaluation, and "
+                                        "each stage's figures and report. Static files: open it from disk.")
+    report.add_argument("run_dir", metavar="RUN_DIR")
     return parser
 
 
@@ -654,6 +682,11 @@ def recipe_from_evaluate_args(args: argparse.Namespace) -> Recipe:
         evaluate["task_files"] = task_files
     if args.perplexity_text:
         evaluate["perplexity_text"] = args.perplexity_text
+    if args.code is not None or args.code_samples or args.code_after:
+        samples = args.code_samples or 1
+        evaluate["code"] = {"samples": samples, "k": [1, 10] if samples >= 10 else [1],
+                            **({"problems": args.code} if args.code else {}),
+                            **({"after": args.code_after} if args.code_after else {})}
     return build_recipe({"run_dir": args.out, "evaluate": evaluate}, "command line", os.getcwd(), args.overrides)
 
 
@@ -716,9 +749,11 @@ def _with_ray_flags(recipe: Recipe, args: argparse.Namespace) -> Recipe:
     return recipe
 
 
-def summarise(reports: dict[str, dict], run_dir: str) -> str:
+def summarise(reports: dict[str, dict], run_dir: str, page: str | None = None) -> str:
     """One line per stage that ran, from the stage's own summary of its (typed) report."""
     lines = [f"Results are in {run_dir} (each stage's folder: data/, report.md with plots, quarantine.jsonl)"]
+    if page:
+        lines.append(f"  report page: {page} (static files: open it in a browser)")
     for stage in STAGES:
         if stage.name in reports:
             lines.append("  " + stage.summary(stage.report.model_validate(reports[stage.name])))
@@ -750,6 +785,15 @@ def _command(args: argparse.Namespace, console: Console) -> int:
 
         print(f"Tiny model written to {make_tiny_llama(args.dir, max_positions=args.max_positions)}")
         return 0
+    if args.command == "report":
+        from ..pipelines.site import write_site
+
+        fs, path = paths.resolve(args.run_dir)
+        if fs.get_file_info(path).type.name != "Directory":
+            print(f"domainsynth: error: {args.run_dir}: not a run directory", file=sys.stderr)
+            return 2
+        print(f"Report written: {write_site(args.run_dir)}")
+        return 0
     if args.command in ("submit", "jobs", "k8s"):
         from .cluster_commands import run_cluster_command
 
@@ -777,6 +821,8 @@ def _command(args: argparse.Namespace, console: Console) -> int:
             if not recipe.has_stage():
                 raise RecipeError(f"{args.recipe}: no stage to run ({', '.join(STAGE_ORDER)}); a serve section is "
                                   f"started with 'domainsynth serve {args.recipe}'")
+        elif args.command == "adapt":
+            recipe = adapt_recipe(args, console.say)
         else:
             demo_model(console.say)  # the quickstart names smollm2: convert it now, saying so, not in preflight
             recipe = load_recipe(os.path.join(EXAMPLES_DIR, "quickstart.yaml"), [f"run_dir={args.out}",
@@ -807,6 +853,11 @@ def _command(args: argparse.Namespace, console: Console) -> int:
     try:
         with console.progress():
             reports = run_recipe(recipe, echo=console.echo)
+            # whole recipes get their report page
+            page = write_report_page(recipe, console) if args.command in ("run", "demo", "adapt") else None
+        if args.command == "adapt" and args.endpoint:  # the results first: --serve holds the endpoint until Ctrl-C
+            console.result(summarise(reports, recipe.run_dir, page))
+            serve_adapted(recipe, console, keep_serving=args.serve)
     except StageError as e:  # found only once the stage ran (an empty corpus, a corpus changed under the index)
         print(f"domainsynth: error: {e}", file=sys.stderr)
         return 1
@@ -822,7 +873,8 @@ def _command(args: argparse.Namespace, console: Console) -> int:
     finally:
         if started_ray:
             ray_runtime.shutdown()
-    console.result(summarise(reports, recipe.run_dir))
+    if not (args.command == "adapt" and args.endpoint):
+        console.result(summarise(reports, recipe.run_dir, page))
     console.result(f"Done in {time.perf_counter() - started:.1f}s.")
     return 0
 

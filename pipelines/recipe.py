@@ -95,7 +95,9 @@ class AutoscalingConfig(Strict):
 
 class ServeConfig(Strict):
     """The generator endpoint (``domainsynth serve``): OpenAI-compatible routes on Ray Serve."""
-    model: ModelRef = Field(description="Hugging Face id or folder of a causal LM.")
+    model: Optional[ModelRef] = Field(None, description="Hugging Face id or folder of a causal LM; null = the last "
+                                      "model the recipe makes (preference's merged model, else finetune's, else the "
+                                      "last pretrain stage's).")
     served_model_name: Optional[str] = Field(None, description="Name clients ask for; null = the model folder's name.")
     backend: Literal["domainsynth", "ray-serve-llm"] = Field(
         "domainsynth", description="domainsynth: our deployment around an engine (soft prompts, CPU or GPU); "
@@ -228,6 +230,14 @@ class RecipeSections(Strict):
             raise ValueError("run_dir: required when the recipe has a stage")
         for stage, cfg in self.configured_stages():
             stage.check_recipe(cfg, self)
+        serve = getattr(self, "serve", None)
+        if serve is not None and serve.model is None:
+            from .training.preference import adapted_model
+
+            serve.model = adapted_model(self) if self.run_dir is not None else None
+            if serve.model is None:
+                raise ValueError("serve.model: required: the recipe makes no whole model to serve (it needs a "
+                                 "pretrain section, or finetune or preference with merge: true)")
         return self
 
     def configured_stages(self) -> list[tuple[Stage, Strict]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 from typing import Callable
 
@@ -48,7 +49,10 @@ def preflight(recipe: Recipe) -> None:
     for stage, cfg in recipe.configured_stages():
         stage.preflight(cfg, recipe)
     if recipe.serve is not None:
-        check_model("serve.model", recipe.serve.model)
+        from .training.preference import adapted_model
+
+        if not (recipe.has_stage() and recipe.serve.model == adapted_model(recipe)):  # else this run makes it
+            check_model("serve.model", recipe.serve.model)
         for name, path in recipe.serve.soft_prompts.items():
             check_soft_prompt(f"serve.soft_prompts.{name}", path)
 
@@ -65,6 +69,10 @@ def _run_stages(recipe: Recipe, echo: Callable[[str], None]) -> dict[str, dict]:
     input_digests: dict[str, str] = {}  # each stage's inputs looked at once per run (listings, small-file hashes)
     summaries: dict[str, str] = {}  # each finished stage's summary line, to explain an empty output downstream
     for stage, cfg in recipe.configured_stages():
+        # Actors of an earlier stage (or run) that failed can be held only by cyclic garbage (the exception's
+        # traceback, a log record keeping it): until Python's collector gets to it, their CPUs stay taken and this
+        # stage's pool waits for them. Collect it now, so that the cluster is what the stage plans for.
+        gc.collect()
         name = stage.name
         folder = StageDir(paths.join(recipe.run_dir, name))
         check_upstream_kept_rows(recipe, stage, cfg, reports, summaries)

@@ -88,6 +88,14 @@ def tiny_llama(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_4k(tmp_path_factory) -> str:
+    """The tiny Llama with a 4,096-token context: CRAFT's prompts carry a document and few-shots."""
+    from domainsynth.actors.tiny_models import make_tiny_llama
+
+    return str(make_tiny_llama(tmp_path_factory.mktemp("tiny4k") / "tiny-llama", max_positions=4096))
+
+
+@pytest.fixture(scope="session")
 def soft_prompt_file(tmp_path_factory, tiny_llama) -> str:
     """An 8-token soft prompt for the tiny Llama, saved as DOMINO's training writes it (PEFT's tensor name)."""
     import numpy as np

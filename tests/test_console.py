@@ -40,7 +40,7 @@ def _recipe(tmp_path, name, hidden_corpus, classifier, general_pool, embed=True)
 def _summary(run, stages) -> list[str]:
     """The summary the CLI prints for this run (whatever its wording), from the stages' reports."""
     reports = {s: json.loads((run / s / "report.json").read_text()) for s in stages}
-    return summarise(reports, str(run)).splitlines()
+    return summarise(reports, str(run), str(run / "index.html")).splitlines()
 
 
 def _domainsynth(*args: str) -> tuple[list[str], str]:
@@ -63,10 +63,10 @@ def test_default_output_is_the_stage_lines_progress_and_the_summary(ray_local, h
     before = lines[:-len(summary) - 1]
     progress = [line for line in before if re.fullmatch(r"\[(select|embed)\] \d+ s(: .+)?", line)]
     stage_lines = [line for line in before if line not in progress]
-    for stage in ("select", "embed"):  # the runner's own lines, whatever they say
+    for stage in ("select", "embed", "report"):  # the runner's own lines (and the report page's), whatever they say
         assert any(line.startswith(f"[{stage}] ") for line in stage_lines), lines
-    assert all(re.match(r"\[(select|embed)\] ", line) for line in stage_lines), stage_lines
-    assert len(stage_lines) <= 3 * 2
+    assert all(re.match(r"\[(select|embed|report)\] ", line) for line in stage_lines), stage_lines
+    assert len(stage_lines) <= 3 * 2 + 1
     # Progress off a terminal: a line every PROGRESS_SECONDS at most, with Ray Data's counts while it runs.
     assert progress, lines
     assert any("rows in" in line for line in progress), progress

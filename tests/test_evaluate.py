@@ -177,3 +177,37 @@ def test_without_models_the_recipe_s_own_models_are_scored_base_first(tmp_path, 
         ("finetune", f"{run}/pretrain/tasks/model", f"{run}/finetune/adapter"),  # tuned on pretrain's last model
         ("preference", f"{run}/finetune/model", f"{run}/preference/adapter"),  # aligned on finetune's merged one
     ]
+
+
+def test_code_problems_are_scored_as_pass_at_k_beside_the_other_tasks(ray_local, tiny_llama, held_out_text,
+                                                                      tmp_path):
+    """The code task in the same table: each model writes 2 programs for each of 2 LeetCodeDataset problems, each
+    runs against the problem's tests in the sandbox; the tiny model writes no working program, so pass@k is 0 — what
+    is checked is that every program was run and counted, and the numbers sit beside lm-eval's."""
+    section = {"models": [{"model": tiny_llama, "name": "base"}], "perplexity_text": [held_out_text], "limit": 2,
+               "cpus_per_model": 1, "code": {"samples": 2, "k": [1, 2], "sampling": {"max_tokens": 16},
+                                             "wall_seconds": 10}}
+    lines: list[str] = []
+    report = run_recipe(build_recipe({"run_dir": str(tmp_path / "run"), "evaluate": section}, "test", "/"),
+                        echo=lines.append)["evaluate"]
+    assert report["tasks"] == ["perplexity", "leetcode"]
+    results = json.load(open(tmp_path / "run/evaluate/results.json"))
+    code_rows = {r["metric"]: r for r in results["rows"] if r["task"] == "leetcode"}
+    assert set(code_rows) == {"pass@1,none", "pass@2,none"}
+    assert all(r["value"] == 0.0 and r["items"] == 2 and r["higher_is_better"] for r in code_rows.values())
+    # 2 perplexity documents + 4 programs; each program ended in one of the sandbox's outcomes
+    assert "[evaluate] base: done, lm-eval requests scored: 6 " in "\n".join(lines), lines
+    [kept] = glob.glob(str(tmp_path / "run/evaluate/models/*.json"))
+    code = json.load(open(kept))["code"]
+    assert sum(code["statuses"].values()) == code["samples"] == 4
+    assert code["statuses"]["passed"] == 0
+    markdown = (tmp_path / "run/evaluate/report.md").read_text()
+    assert "| leetcode | pass@1,none ↑ |" in markdown and "programs in the sandbox" in markdown
+
+
+def test_a_code_k_above_the_samples_fails_before_work(tmp_path, tiny_llama, capsys):
+    from domainsynth.pipelines.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="evaluate.code.*k: each must be 1..samples"):
+        build_recipe({"run_dir": str(tmp_path), "evaluate": {"models": [{"model": tiny_llama}],
+                                                              "code": {"samples": 2, "k": [1, 5]}}}, "test", "/")

@@ -26,6 +26,7 @@ NOT_PATHS = {
     "synthesize.domino.prompt": "text placed after the soft prompt",
     "serve.served_model_name": "the name clients ask for",
     "evaluate.models.name": "the model's name in the results",
+    "evaluate.code.after": "a release date (YYYY-MM-DD)",
     "kubernetes.image": "a container image tag",
     "kubernetes.project_dir": "a path inside the image",
     "kubernetes.volume.mount_path": "a path inside the pods",

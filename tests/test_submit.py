@@ -119,13 +119,6 @@ def token_head():
     head.stop()
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_4k(tmp_path_factory) -> str:
-    from domainsynth.actors.tiny_models import make_tiny_llama
-
-    return str(make_tiny_llama(tmp_path_factory.mktemp("tiny4k") / "tiny-llama-4k", max_positions=4096))
-
-
 @pytest.fixture
 def select_recipe(tmp_path) -> Path:
     """A short job: select on the bundled quickstart data."""

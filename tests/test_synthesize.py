@@ -28,14 +28,6 @@ RATINGS = ("very poor", "poor", "average", "good", "excellent")  # DOMINO's five
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_4k(tmp_path_factory) -> str:
-    """The tiny Llama with a 4,096-token context: CRAFT's prompts carry a document and few-shots."""
-    from domainsynth.actors.tiny_models import make_tiny_llama
-
-    return str(make_tiny_llama(tmp_path_factory.mktemp("tiny4k") / "tiny-llama", max_positions=4096))
-
-
-@pytest.fixture(scope="session")
 def documents(tmp_path_factory) -> str:
     """Eight real biomedical abstracts (the documents CRAFT rewrites) and one row without text."""
     rows = [{"id": r["id"], "text": r["text"], "label": r["label"]}

@@ -72,6 +72,19 @@ def gsm8k(shared: Path) -> list[dict]:
             [{**r, "split": "train"} for r in _jsonl(shared / "gsm8k" / "train.jsonl")[:FEWSHOT]])
 
 
+# What the code tasks need of a LeetCodeDataset problem (pipelines/evaluation/code_tasks.py): the statement and
+# starter code for the prompt, the date for the contamination cutoff, the imports, tests and entry point to run a
+# solution, and the reference solution (tests check that it passes in the sandbox).
+LEETCODE_FIELDS = ("task_id", "question_id", "difficulty", "estimated_date", "problem_description", "starter_code",
+                   "prompt", "entry_point", "test", "completion")
+
+
+def leetcode(shared: Path) -> list[dict]:
+    """LeetCodeDataset v0.3.1's test split: 228 problems released 2024-08 to 2025-03, each with executable tests."""
+    return [{**{k: r[k] for k in LEETCODE_FIELDS}, "split": "test"}
+            for r in _jsonl(shared / "leetcodedataset" / "LeetCodeDataset-v0.3.1-test.jsonl")]
+
+
 def main(argv: list[str] | None = None) -> None:
     shared = Path((argv or sys.argv[1:] or ["../shared/data"])[0])
     _write("pubmedqa", pubmedqa(shared))
@@ -80,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     _write("commonsenseqa", commonsenseqa(shared))
     _write("financial_phrasebank", financial_phrasebank(shared))
     _write("gsm8k", gsm8k(shared))
+    _write("leetcode", leetcode(shared))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ from ..report import _png, _pyplot, markdown_table, write_report
 from ..rundir import StageDir
 from ..schema import InputPath, InputPaths, ModelRef, Strict, YamlPaths
 from ..stage import Stage, StageClock, StageReport, check_inputs, check_model, progress, progress_interval
+from ...actors.lm_eval_runner import CODE_TASK
+from .decontamination import contamination_json
+from .decontamination import markdown as contamination_markdown
 from .tasks import (BUILTIN, TaskFileError, builtin_config, chance_accuracy, check_task, perplexity_config,
                     user_task_config)
 
@@ -40,6 +43,31 @@ class EvalModel(Strict):
     adapter: Optional[InputPath] = Field(None, description="A PEFT folder put on the model: a LoRA adapter "
                                                            "(finetune, preference) or a soft prompt (softprompt).")
     name: Optional[str] = Field(None, description="The model's name in the results; null = made from its folders.")
+
+
+class CodeEvalConfig(Strict):
+    """pass@k on LeetCodeDataset-style problems: each model writes ``samples`` programs per problem, and each runs
+    against the problem's tests in a sandboxed process (CPU, memory and wall-time limits, no network, a throwaway
+    folder): a program that hangs, forks or eats memory is a failed sample, never a stuck run."""
+    problems: Optional[InputPath] = Field(None, description="Problems (JSONL with LeetCodeDataset's fields); null = "
+                                          "the bundled LeetCodeDataset v0.3.1 test split (228 problems, 2024-08 to "
+                                          "2025-03).")
+    after: Optional[str] = Field(None, pattern=r"^\d{4}-\d{2}-\d{2}$", description="Only problems released after "
+                                 "this date (YYYY-MM-DD): DOMINO's cutoff against problems the model saw in training.")
+    limit: Optional[int] = Field(None, gt=0, description="The first N problems; null = evaluate.limit.")
+    samples: int = Field(1, ge=1, le=200, description="Programs sampled per problem (n of pass@k).")
+    k: list[int] = Field(default_factory=lambda: [1], description="The k of each pass@k reported (each <= samples).")
+    sampling: dict = Field(default_factory=lambda: {"temperature": 0.8, "top_p": 0.95, "max_tokens": 512,
+                                                    "seed": 1234}, description="How programs are sampled "
+                           "(generate.sampling's fields).")
+    wall_seconds: float = Field(20.0, gt=0, description="Wall time of one program with its tests.")
+    memory_mb: int = Field(1024, ge=64, description="Address space of one program.")
+
+    @model_validator(mode="after")
+    def _k_within_samples(self) -> "CodeEvalConfig":
+        if not self.k or any(k < 1 or k > self.samples for k in self.k):
+            raise ValueError(f"k: each must be 1..samples ({self.samples}); got {self.k}")
+        return self
 
 
 class EvaluateConfig(Strict):
@@ -63,11 +91,15 @@ class EvaluateConfig(Strict):
     seed: int = Field(1234, description="lm-eval's random seeds: Python, NumPy, torch and few-shot sampling (its "
                                        "CLI's --seed N).")
     cpus_per_model: float = Field(2, gt=0, description="CPUs of each model's Ray task (its torch threads).")
+    code: Optional[CodeEvalConfig] = Field(None, description="pass@k on code problems with executable tests, each "
+                                           "program in a sandboxed process (the task 'leetcode' in the results).")
+    decontamination: bool = Field(True, description="Report which evaluated items each model's training data "
+                                  "(as the recipe says) overlaps: qc's 13-gram rule, one Ray Data pass over it.")
 
     @model_validator(mode="after")
     def _something_to_score(self) -> "EvaluateConfig":
-        if not (self.tasks or self.task_files or self.perplexity_text):
-            raise ValueError("evaluate.tasks: give at least one of tasks, task_files, perplexity_text")
+        if not (self.tasks or self.task_files or self.perplexity_text or self.code):
+            raise ValueError("evaluate.tasks: give at least one of tasks, task_files, perplexity_text, code")
         return self
 
 
@@ -156,8 +188,11 @@ def _files(specs: Optional[list[str]], suffixes: tuple[str, ...]) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------------------- the run
 def _settings(cfg: EvaluateConfig) -> dict:
-    return {"num_fewshot": cfg.num_fewshot, "batch_size": cfg.batch_size, "limit": cfg.limit,
-            "bootstrap_iters": cfg.bootstrap_iters, "seed": cfg.seed}
+    settings = {"num_fewshot": cfg.num_fewshot, "batch_size": cfg.batch_size, "limit": cfg.limit,
+                "bootstrap_iters": cfg.bootstrap_iters, "seed": cfg.seed}
+    if cfg.code is not None:
+        settings["code"] = {**cfg.code.model_dump(mode="json"), "limit": cfg.code.limit or cfg.limit}
+    return settings
 
 
 def _result_name(model: EvalModel, tasks: list[dict], settings: dict) -> str:
@@ -314,21 +349,28 @@ def run_evaluate(cfg: EvaluateConfig, stage: StageDir, recipe) -> dict:
     models = models_of(cfg, recipe)
     labels = model_labels(models)
     tasks = task_configs(cfg)
-    names = [t["task"] for t in tasks]
+    lm_eval_names = [t["task"] for t in tasks]
+    names = lm_eval_names + ([CODE_TASK] if cfg.code else [])
     task_dir = StageDir(stage.child(TASKS_DIR))
     for config in tasks:  # the YAML lm-eval's CLI reads, to reproduce any number here
         task_dir.write_text(f"{config['task']}.yaml", yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     with clock.phase("score"):
         scored = score_models(models, labels, tasks, cfg, stage)
     rows = results_table(labels, scored, names)
-    chance = {config["task"]: chance_accuracy(config, cfg.limit) for config in tasks}
+    chance = {config["task"]: chance_accuracy(config, cfg.limit) for config in tasks} | (
+        {CODE_TASK: None} if cfg.code else {})
     items = sum(scored[label]["n_samples"].get(t, {}).get("effective", 0) for label in labels for t in names)
     base = scored[labels[0]]
+    contamination = []
+    if cfg.decontamination and tasks:
+        with clock.phase("decontamination"):
+            contamination = contamination_rows(tasks, cfg.limit, labels, recipe)
     stage.write_json("results.json", {
         "models": [{"name": label, **m.model_dump(mode="json"), "model_args": scored[label]["model_args"],
                     "device": scored[label]["device"]} for m, label in zip(models, labels)],
         "tasks": names, "chance_accuracy": chance, "rows": rows, "lm_eval_version": base.get("lm_eval_version"),
-        "n_shot": base["n_shot"], "settings": _settings(cfg)})
+        "n_shot": base["n_shot"], "settings": _settings(cfg),
+        **({"contamination": contamination_json(contamination)} if contamination else {})})
     stage.write_bytes("results.png", results_png(labels, scored, names, chance))
     report = {"stage": "evaluate", "rows_in": items, "rows_out": items, "models": labels, "tasks": names,
               **clock.timings(), "outputs": {"results": stage.child("results.json"), "tasks": stage.child(TASKS_DIR),
@@ -344,8 +386,37 @@ def run_evaluate(cfg: EvaluateConfig, stage: StageDir, recipe) -> dict:
         f"Value ± standard error; in brackets the change from {labels[0]}. ↑: higher is better. chance: the "
         f"accuracy of guessing (the mean of 1 / choices over the items).", "",
         *results_markdown(labels, rows, names, chance), "", "![results](results.png)", "",
-        f"Reproduce a number with lm-eval's CLI: `{lm_eval_command(cfg, base, names, stage.child(TASKS_DIR))}`", ""]))
+        *([f"Reproduce a number with lm-eval's CLI: `{lm_eval_command(cfg, base, lm_eval_names, stage.child(TASKS_DIR))}`"]
+          if lm_eval_names else []), "", *code_lines(labels, scored, cfg),
+        contamination_markdown(contamination) if contamination else ""]))
     return report
+
+
+def contamination_rows(tasks: list[dict], limit: Optional[int], labels: list[str], recipe) -> list[dict]:
+    """Per model and task, the evaluated items that the model's training data overlaps (decontamination.py)."""
+    from .decontamination import eval_items, overlap_report, training_sources
+
+    progress(f"[evaluate] decontamination: the {len(labels)} models' training data against the items scored")
+    return overlap_report(eval_items(tasks, limit), {label: training_sources(recipe, label) for label in labels})
+
+
+def code_lines(labels: list[str], scored: dict[str, dict], cfg: EvaluateConfig) -> list[str]:
+    """The code task's sandbox outcomes per model: how the programs ended (passed, failed, timeout, memory, error),
+    and the isolation the sandbox had."""
+    if cfg.code is None:
+        return []
+    rows = []
+    for label in labels:
+        code = scored[label]["code"]
+        statuses = ", ".join(f"{k} {v:,}" for k, v in code["statuses"].items() if v)
+        rows.append((label, f"{code['samples']:,} programs: {statuses or 'none run'}"
+                            + (f"; {len(code['unrunnable'])} problem(s) not runnable here" if code["unrunnable"]
+                               else "")))
+    first = scored[labels[0]]["code"]
+    return [f"## {CODE_TASK}: programs in the sandbox", "",
+            markdown_table([*rows, ("isolation", str(first["isolation"])),
+                            ("limits", f"{cfg.code.wall_seconds:g} s wall, {cfg.code.memory_mb} MB per program"),
+                            ("sampling", f"{cfg.code.samples} per problem, {cfg.code.sampling}")]), ""]
 
 
 class Evaluate(Stage):
@@ -373,6 +444,14 @@ class Evaluate(Stage):
                                         f"(expected a folder with adapter_config.json)")
         for config, where in _tasks_with_sources(cfg):  # each builds and renders its first item before a model loads
             check_task(config, where)
+        if cfg.code is not None:
+            from .code_tasks import load_problems
+
+            try:
+                if not load_problems(cfg.code.problems, 1, cfg.code.after):
+                    raise ValueError(f"no problem released after {cfg.code.after}")
+            except (OSError, ValueError, KeyError) as e:
+                raise ValueError(f"evaluate.code.problems: {e}") from None
 
     def run(self, cfg: EvaluateConfig, stage: StageDir, recipe) -> dict:
         return run_evaluate(cfg, stage, recipe)

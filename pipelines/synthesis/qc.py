@@ -168,16 +168,22 @@ def load_eval_grams(cfg: DecontaminateConfig) -> EvalGrams:
                 texts.append(text)
                 owners.append(len(sources))
         sources.append((file, line))
+    return eval_grams(texts, owners, sources, cfg.ngram)
+
+
+def eval_grams(texts: list[str], owners: list[int], sources: list, ngram: int) -> EvalGrams:
+    """The n-gram table of evaluation texts, each text on its own: ``owners[k]`` is the item (an index into
+    ``sources``) that ``texts[k]`` belongs to (an item may own several texts: its fields)."""
     owners = np.asarray(owners, np.int32)
     word_hashes, word_offsets = minhash.word_hashes(minhash.normalised_words(texts))
-    hashes, offsets = minhash.window_hashes(word_hashes, word_offsets, cfg.ngram, salt=minhash.NGRAM_SALT)
+    hashes, offsets = minhash.window_hashes(word_hashes, word_offsets, ngram, salt=minhash.NGRAM_SALT)
     counts = np.diff(word_offsets)
     grams = np.diff(offsets)
     items = np.repeat(owners, grams)
-    words = np.repeat(np.where(counts < cfg.ngram, counts, 0).astype(np.int16), grams)
+    words = np.repeat(np.where(counts < ngram, counts, 0).astype(np.int16), grams)
     order = np.argsort(hashes, kind="stable")
     # short items: the run of all their words, hashed as a sample's runs of that many words are
-    short = np.flatnonzero((counts >= SHORT_ITEM_MIN_WORDS) & (counts < cfg.ngram))
+    short = np.flatnonzero((counts >= SHORT_ITEM_MIN_WORDS) & (counts < ngram))
     starts = word_offsets[:-1][short]
     short_hashes, short_items = [], []
     for width, at, run in minhash.run_hashes(word_hashes, word_offsets, starts, np.unique(counts[short]),

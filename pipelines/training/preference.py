@@ -59,6 +59,8 @@ class PreferenceConfig(Strict):
                                                                   "prompt) for the validation loss.")
     max_length: int = Field(1024, gt=1, description="Tokens of prompt and response (longer ones are cut).")
     lora: LoraSettings = LoraSettings(r=16, alpha=32, dropout=0.05)
+    merge: bool = Field(False, description="Also write the adapter merged into the model as a model folder (what "
+                                           "the endpoint serves).")
     training: TrainingSettings = TrainingSettings(lr=5e-5, eval_every=20, checkpoint_every=20)
 
     @model_validator(mode="after")
@@ -108,6 +110,16 @@ def policy_model(cfg: PreferenceConfig, recipe) -> Optional[str]:
     """The model aligned: as given, else the one the recipe fine-tunes (merged), else the one it pretrains."""
     if cfg.model is not None:
         return cfg.model
+    if recipe.finetune is not None:
+        return paths.join(recipe.run_dir, "finetune", MODEL_DIR) if recipe.finetune.merge else None
+    return pretrained_model(recipe)
+
+
+def adapted_model(recipe) -> Optional[str]:
+    """The last whole model the recipe makes (what its endpoint serves): preference's merged model, else finetune's,
+    else the last pretrain stage's; None when the recipe makes none (no training, or adapters left unmerged)."""
+    if recipe.preference is not None:
+        return paths.join(recipe.run_dir, "preference", MODEL_DIR) if recipe.preference.merge else None
     if recipe.finetune is not None:
         return paths.join(recipe.run_dir, "finetune", MODEL_DIR) if recipe.finetune.merge else None
     return pretrained_model(recipe)
@@ -206,7 +218,8 @@ def run_preference(cfg: PreferenceConfig, stage: StageDir, recipe, fingerprint: 
             else {}, "has_eval": bool(counts["validation"]), "lora": cfg.lora.model_dump(mode="json"),
             "beta": cfg.beta, "max_length": cfg.max_length,
             "outputs": {"model": _absolute(stage.child(ADAPTER_DIR)),
-                        "metrics": _absolute(stage.child("metrics.jsonl"))}}
+                        "metrics": _absolute(stage.child("metrics.jsonl")),
+                        **({"merged": _absolute(stage.child(MODEL_DIR))} if cfg.merge else {})}}
     with clock.phase("train"):
         fit_hf("preference", "dpo", stage, stage.child(RAY_DIR), f"preference-{fingerprint}", cfg.training, loop,
                total, cluster_cpus(), cluster_gpus())
