@@ -233,8 +233,9 @@ def score_models(models: list[EvalModel], labels: list[str], tasks: list[dict], 
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1, timeout=every_s)
         if not done:  # a progress line for each model whose count moved
+            running = {label for label, _ in pending.values()}
             for label, count in ray.get(counter.snapshot.remote()).items():
-                if count != shown.get(label):
+                if label in running and count != shown.get(label):  # a model done has had its last line
                     shown[label] = count
                     progress(f"[evaluate] {label}: lm-eval requests scored so far: {count:,}")
             continue

@@ -38,7 +38,7 @@ h3{font-size:16px;margin:22px 0 8px}
 nav.toc{display:flex;flex-wrap:wrap;gap:6px;margin:10px 0 4px}
 nav.toc a{padding:2px 9px;border:1px solid #d0d7de;border-radius:12px;text-decoration:none;color:#24292f;font-size:13px}
 nav.toc a:hover{background:#eef3f8}
-table{border-collapse:collapse;margin:8px 0 12px;font-size:13px}
+table{border-collapse:collapse;margin:8px 0 12px;font-size:13px;display:block;max-width:100%;overflow-x:auto}
 th,td{border:1px solid #d8dee4;padding:4px 9px;text-align:left;vertical-align:top}
 th{background:#f3f5f7}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 tr.unreadable td{background:#fff4f2}
