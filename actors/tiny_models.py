@@ -25,9 +25,15 @@ CHAT_TEMPLATE = (
 )
 
 
+# The tokenizer's training corpus, named (not globbed): a file added to the examples must not change the tiny model
+# that tests and benchmarks have pinned their expectations to.
+TOKENIZER_FILES = ("craft_bioqa_fewshot.jsonl", "eval_bioqa.jsonl", "medical_in_domain.jsonl", "prompts.jsonl",
+                   "corpus/web-000.jsonl.gz", "corpus/web-001.jsonl.gz", "corpus/web-002.jsonl.gz")
+
+
 def example_texts(limit: int = 3000) -> Iterator[str]:
     """Texts of the bundled example data (JSONL and JSONL.GZ), the tokenizer's training corpus."""
-    files = sorted(EXAMPLE_TEXTS.rglob("*.jsonl")) + sorted(EXAMPLE_TEXTS.rglob("*.jsonl.gz"))
+    files = [EXAMPLE_TEXTS / name for name in TOKENIZER_FILES]
     n = 0
     for path in files:
         opener = gzip.open if path.suffix == ".gz" else open

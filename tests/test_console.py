@@ -61,7 +61,7 @@ def test_default_output_is_the_stage_lines_progress_and_the_summary(ray_local, h
     summary = _summary(run, ["select", "embed"])
     assert lines[-len(summary) - 1:-1] == summary and lines[-1].startswith("Done in")
     before = lines[:-len(summary) - 1]
-    progress = [line for line in before if re.fullmatch(r"\[(select|embed)\] \d+ s(: .+)?", line)]
+    progress = [line for line in before if re.fullmatch(r"\[(select|embed|report)\] \d+ s(: .+)?", line)]
     stage_lines = [line for line in before if line not in progress]
     for stage in ("select", "embed", "report"):  # the runner's own lines (and the report page's), whatever they say
         assert any(line.startswith(f"[{stage}] ") for line in stage_lines), lines
