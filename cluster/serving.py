@@ -28,6 +28,10 @@ def serve_until_stopped(recipe: Recipe, echo: Callable[[str], None] = print,
     cfg = recipe.serve
     app = build_application(cfg)  # a backend that cannot be built fails here, before Ray starts
     started_ray = ray_runtime.connect(recipe.ray)
+    # Serve started here is stopped here, even on a Ray that was already up (``domainsynth adapt`` serves on the Ray
+    # its stages ran on): a Serve left running keeps its HTTP proxy on this port, and the next serve.start() on that
+    # Ray would connect to it and ignore its own host and port.
+    started_serve = not _serve_running()
     # Ctrl-C and a pod's SIGTERM both stop it. SIGINT is set here too: a process started in the background by a
     # non-interactive shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt for it.
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -60,9 +64,21 @@ def serve_until_stopped(recipe: Recipe, echo: Callable[[str], None] = print,
             signal.signal(sig, handler)
         try:
             serve.delete(cfg.app_name)
-            if started_ray:
+            if started_ray or started_serve:
                 serve.shutdown()
         finally:
             if started_ray:
                 ray_runtime.shutdown()
     echo("Stopped.")
+
+
+def _serve_running() -> bool:
+    """Whether Serve's controller is up on the connected Ray (started by someone else, to be left running)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
