@@ -33,12 +33,11 @@ from ..pipelines.training.preference import PreferenceConfig
 from ..pipelines.training.preference_sampling import ResponseSampling
 from ..pipelines.training.softprompt import SoftPromptConfig
 from . import ray_runtime
-from .adapt import adapt_recipe, serve_adapted, write_report_page
+from .adapt import EXAMPLES_DIR, adapt_recipe, serve_adapted, write_report_page
 from .console import Console
 from ..actors.model_cache import CACHE_ENV
 from ..actors.smollm2 import ModelUnavailable
 
-EXAMPLES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
 def _default(model, field: str) -> str:
