@@ -34,6 +34,9 @@ class SamplingParams(BaseModel):
                                 "most 2**63 - 1 (a signed 64-bit integer, as OpenAI and vLLM take it); a larger "
                                 "one is refused rather than reduced, so that two seeds never silently collide.")
     stop: list[str] = Field(default_factory=list, max_length=8)
+    ignore_eos: bool = Field(False, description="vLLM's extension: write on past the end-of-sequence token until "
+                                                "max_tokens (what serving benchmarks use, so that every request "
+                                                "writes the same number of tokens).")
     json_schema: Optional[dict] = Field(None, description="Structured output: every completion is JSON valid "
                                                           "against this JSON schema.")
 
@@ -191,6 +194,23 @@ class TransformersEngine(Engine):
         self.hidden_size = self.model.config.hidden_size
         self.max_model_len = self.model.config.max_position_embeddings
         self._banned_tokens = None  # tokens structured output never allows, found on the first structured request
+        self.adapters: dict[str, str] = {}  # LoRA adapters loaded beside the base weights: name -> folder
+        self.lora = None  # their weights, applied per batch row (actors/multi_lora.py)
+
+    def load_adapters(self, adapters: dict[str, str]) -> None:
+        """PEFT LoRA folders (``finetune`` and ``preference`` outputs) as named adapters on the one base model in
+        memory; a batch picks one per row (``self.lora.select``), and rows without one are the base model's. A folder
+        that is not a LoRA adapter of this base fails here, naming it, and leaves the others loaded."""
+        from .multi_lora import MultiLoRA
+
+        for name, path in adapters.items():
+            self.lora = self.lora or MultiLoRA(self.model)
+            try:
+                self.lora.load(name, path)
+            except Exception as e:
+                raise ValueError(f"adapter {name!r} ({path}): not a LoRA adapter this model can load: "
+                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            self.adapters[name] = path
 
     def generate(self, prompts: Sequence[str], params: SamplingParams,
                  prefix: np.ndarray | None = None) -> list[list[Completion]]:
@@ -271,7 +291,8 @@ class TransformersEngine(Engine):
             out = self.model.generate(
                 inputs_embeds=inputs, attention_mask=mask, max_new_tokens=params.max_tokens, do_sample=False,
                 temperature=None, top_p=None, top_k=None,  # not the model's generation-config values: ours decide
-                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=None if params.ignore_eos else self.tokenizer.eos_token_id,
                 stop_strings=params.stop or None, tokenizer=self.tokenizer if params.stop else None,
                 logits_processor=processors, streamer=streamer)
         if copies != params.n:
@@ -287,13 +308,36 @@ class TransformersEngine(Engine):
         from transformers import LogitsProcessorList
         from xgrammar.contrib.hf import LogitsProcessor
 
+        grammar = self.compiled_json_schema(schema)
+        return LogitsProcessorList([_BanTokens(self.banned_json_tokens()), LogitsProcessor(grammar),
+                                    _refuse_dead_ends])
+
+    def compiled_json_schema(self, schema: dict):
+        """xgrammar's grammar for compact JSON valid against ``schema`` (the compiler caches it)."""
+        return self.grammar_compiler().compile_json_schema(json.dumps(schema), any_whitespace=False)
+
+    def banned_json_tokens(self):
+        """Tokens structured output never allows (see ``_json_constraint``), found once."""
+        import torch
+
         if self._banned_tokens is None:
             special = set(self.tokenizer.all_special_ids)
             self._banned_tokens = torch.tensor([
                 t for t in range(len(self.tokenizer)) if t not in special
                 and not_json_text(self.tokenizer.decode([t]))], dtype=torch.long)
-        grammar = self.grammar_compiler().compile_json_schema(json.dumps(schema), any_whitespace=False)
-        return LogitsProcessorList([_BanTokens(self._banned_tokens), LogitsProcessor(grammar), _refuse_dead_ends])
+        return self._banned_tokens
+
+    def constrain_to_json(self, matcher, scores):
+        """``scores`` (one row) with every token ``matcher``'s grammar, or structured output, rules out at -inf:
+        the same constraint as ``_json_constraint``, for one sequence of a continuous batch."""
+        import xgrammar
+
+        mask = xgrammar.allocate_token_bitmask(1, self.grammar_vocab_size())
+        matcher.fill_next_token_bitmask(mask)
+        scores = scores.clone()
+        xgrammar.apply_token_bitmask_inplace(scores, mask.to(scores.device))
+        scores = _BanTokens(self.banned_json_tokens())(None, scores)
+        return _refuse_dead_ends(None, scores)
 
     def grammar_vocab_size(self) -> int:
         return self.model.config.vocab_size
@@ -301,10 +345,11 @@ class TransformersEngine(Engine):
     def _completion(self, tokens, prompt_tokens: int, params: SamplingParams) -> Completion:
         ids = tokens.tolist()
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        ended = eos in ids
+        ended = eos in ids and not params.ignore_eos
         if ended:
             ids = ids[:ids.index(eos)]
-        ids = [t for t in ids if t != pad]
+        elif not params.ignore_eos:  # rows that ended early are padded; with ignore_eos every row runs to the end
+            ids = [t for t in ids if t != pad]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         cut = _first_stop(text, params.stop)
         if cut >= 0:  # the stop string itself is not returned (OpenAI's convention)
@@ -335,8 +380,9 @@ def _refuse_dead_ends(input_ids, scores):
     import torch
 
     if bool(torch.isneginf(scores).all(dim=-1).any()):
-        raise UnsatisfiableSchema("the JSON schema cannot be completed with this model's tokens (none is allowed "
-                                  f"at generated token {input_ids.shape[-1] + 1})")
+        where = "" if input_ids is None else f" at generated token {input_ids.shape[-1] + 1}"
+        raise UnsatisfiableSchema(f"the JSON schema cannot be completed with this model's tokens (none is allowed"
+                                  f"{where})")
     return scores
 
 

@@ -119,6 +119,7 @@ class _Sampling(_Strict):
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
+    ignore_eos: bool = False  # vLLM's extension (serving benchmarks): write max_tokens tokens whatever the model says
     response_format: Optional[ResponseFormat] = None
     # Standard OpenAI fields the engines do not implement. At these values they change nothing, so a client that
     # sends them (many send their defaults) is served; any other value is refused by name (``refuse_unhonoured``).
@@ -161,7 +162,7 @@ class _Sampling(_Strict):
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         return SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0), n=self.n, seed=self.seed,
-            stop=self.stops, max_tokens=self.requested_max_tokens(default_max_tokens),
+            stop=self.stops, max_tokens=self.requested_max_tokens(default_max_tokens), ignore_eos=self.ignore_eos,
             json_schema=self.response_format.schema() if self.response_format else None)
 
     def check_limits(self, limits: RequestLimits, default_max_tokens: int) -> None:

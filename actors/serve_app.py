@@ -10,8 +10,12 @@ Every answer that is not a success is OpenAI's ``{"error": {...}}`` body: a 4xx 
 passes ``RequestGate`` first (API key, then body size and type), then the request models' strict types and
 ``RequestLimits``, then the engine's checks (prompt tokens, context, total work, the JSON schema compiling).
 
-A replica runs one generation at a time (the engine batches within a request); requests waiting on it count as its
-ongoing requests, which is what Serve's autoscaler scales on.
+Domains are models of their own on one base model in memory: a soft prompt (``soft_prompts``) is placed before the
+prompt's tokens, a LoRA adapter (``adapters``, PEFT folders) changes the weights for its rows only. With the
+transformers engine, requests that arrive together are generated together (``actors/continuous_batching.py``): a
+replica decodes up to ``max_batch_size`` sequences, of any domains, lengths and parameters, in each step, and a
+sequence whose client disconnects leaves the batch at the next step. The vLLM engine runs one request's batch at a
+time. Requests a replica holds count as its ongoing requests, which is what Serve's autoscaler scales on.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the route signatures' types at run time, inside a
@@ -35,7 +39,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import openai_api as oa
-from .engines import SamplingParams, UnsatisfiableSchema, load_engine
+from .continuous_batching import ContinuousBatcher, Sequence
+from .engines import Completion, SamplingParams, UnsatisfiableSchema, effective_temperature, load_engine
 from .soft_prompt import load_soft_prompt
 
 logger = logging.getLogger("ray.serve")
@@ -227,16 +232,25 @@ DEPLOYMENT_NAME = "generator"  # what a Serve config file's `deployments` entrie
 class GeneratorServer:
     def __init__(self, model: str, engine: str = "transformers", engine_options: Optional[dict] = None,
                  served_model_name: Optional[str] = None, soft_prompts: Optional[dict] = None,
-                 api_key: Optional[str] = None, default_max_tokens: int = 16,
-                 limits: Optional[oa.RequestLimits] = None, api_docs: bool = False):
+                 adapters: Optional[dict] = None, api_key: Optional[str] = None, default_max_tokens: int = 16,
+                 limits: Optional[oa.RequestLimits] = None, api_docs: bool = False, max_batch_size: int = 32):
         self.engine = load_engine(model, engine, **(engine_options or {}))
         self.engine_kind = engine
         self.base_model = served_model_name or os.path.basename(model.rstrip("/"))
-        self.prefixes = {self.base_model: None}
+        # model name -> (soft prompt or None, LoRA adapter name or None)
+        self.domains: dict = {self.base_model: (None, None)}
         for name, path in (soft_prompts or {}).items():
             prefix = load_soft_prompt(path)
             self.engine.check_prefix(prefix)  # a prompt of the wrong width fails the replica at start, not later
-            self.prefixes[name] = prefix
+            self.domains[name] = (prefix, None)
+        if adapters:
+            if not hasattr(self.engine, "load_adapters"):
+                raise ValueError(f"serve.adapters: the {engine} engine does not serve LoRA adapters yet; use engine "
+                                 f"transformers, or merge the adapter (finetune.merge) and serve the merged model")
+            self.engine.load_adapters(adapters)  # a folder that is not a LoRA of this base fails here, naming it
+            self.domains.update({name: (None, name) for name in adapters})
+        # Continuous batching where this process runs the model step by step; vLLM's offline LLM batches per call.
+        self.batcher = ContinuousBatcher(self.engine, max_batch_size) if engine == "transformers" else None
         self.api_key = api_key
         self.default_max_tokens = default_max_tokens
         self.limits = limits or oa.RequestLimits()
@@ -246,32 +260,34 @@ class GeneratorServer:
 
     @api.get("/health")
     async def health(self) -> dict:
-        return {"status": "ok", "model": self.base_model, "engine": self.engine_kind}
+        load = self.batcher.load() if self.batcher else {}
+        return {"status": "ok", "model": self.base_model, "engine": self.engine_kind, **load}
 
     @api.get("/v1/models")
     async def models(self) -> dict:
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "domainsynth",
-             "root": self.base_model, "parent": None if prefix is None else self.base_model,
+             "root": self.base_model, "parent": None if name == self.base_model else self.base_model,
              "max_model_len": self.engine.max_model_len,
-             "soft_prompt_tokens": 0 if prefix is None else int(prefix.shape[0])}
-            for name, prefix in self.prefixes.items()]}
+             "soft_prompt_tokens": 0 if prefix is None else int(prefix.shape[0]),
+             "adapter": "lora" if adapter else None}
+            for name, (prefix, adapter) in self.domains.items()]}
 
     @api.post("/v1/completions")
     async def completions(self, body: oa.CompletionRequest):
-        prefix = self._prefix(body.model)
+        prefix, adapter = self._domain(body.model)
         params = self._sampling_params(body)
         lengths = [self._prompt_tokens(prompt, prefix, params, body.prompt_field(i))
                    for i, prompt in enumerate(body.prompts)]
         self._check_work(lengths, params)
         if body.stream:
-            return self._sse(self._completion_events(body, params, prefix))
-        results = await self._run(self.engine.generate, body.prompts, params, prefix)
+            return self._sse(self._completion_events(body, params, prefix, adapter))
+        results = await self._generate(body.prompts, params, prefix, adapter)
         return oa.completion_response(body.model, body.prompts, results, body.echo)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: oa.ChatCompletionRequest):
-        prefix = self._prefix(body.model)
+        prefix, adapter = self._domain(body.model)
         params = self._sampling_params(body)
         try:
             prompt = self.engine.chat_prompt([m.for_template() for m in body.messages])
@@ -279,8 +295,8 @@ class GeneratorServer:
             raise oa.APIError(400, f"messages: the model's chat template refused them: {e}", param="messages")
         self._check_work([self._prompt_tokens(prompt, prefix, params, "messages")], params)
         if body.stream:
-            return self._sse(self._chat_events(body, prompt, params, prefix))
-        results = await self._run(self.engine.generate, [prompt], params, prefix)
+            return self._sse(self._chat_events(body, prompt, params, prefix, adapter))
+        results = await self._generate([prompt], params, prefix, adapter)
         return oa.chat_response(body.model, results[0])
 
     # -- checks (cheapest first) -------------------------------------------------------------------------------------
@@ -300,11 +316,12 @@ class GeneratorServer:
             logger.info("accepting %s at values that change nothing (this endpoint does not implement them; "
                         "logged once per replica)", ", ".join(new))
 
-    def _prefix(self, model: str):
-        if model not in self.prefixes:
-            raise oa.APIError(404, f"model {model[:100]!r} does not exist here; served: {', '.join(self.prefixes)}",
+    def _domain(self, model: str) -> tuple:
+        """(soft prompt, adapter name) of the model a request names; a 404 for a name not served here."""
+        if model not in self.domains:
+            raise oa.APIError(404, f"model {model[:100]!r} does not exist here; served: {', '.join(self.domains)}",
                               param="model", code="model_not_found")
-        return self.prefixes[model]
+        return self.domains[model]
 
     def _sampling_params(self, body: Union[oa.CompletionRequest, oa.ChatCompletionRequest]) -> SamplingParams:
         """The standard fields it sets that no engine implements (neutral values only), its limits, then its
@@ -343,15 +360,60 @@ class GeneratorServer:
 
     # -- generation --------------------------------------------------------------------------------------------------
 
+    async def _generate(self, prompts: list[str], params: SamplingParams, prefix, adapter) -> list[list[Completion]]:
+        """``params.n`` completions for each prompt. Batched: each prompt's choices are sequences of the running
+        batch (a seeded choice j samples with seed + j, as when streamed; greedy choices are written once)."""
+        if self.batcher is None:
+            return await self._run(self.engine.generate, prompts, params, prefix)
+        copies = 1 if effective_temperature(params.temperature) == 0 else params.n
+
+        async def one(prompt: str, choice_params: SamplingParams) -> Completion:
+            text, last = "", None
+            async for last in self._batched_deltas(prompt, choice_params, prefix, adapter):
+                text += last.text
+            return Completion(text, last.finish_reason, last.prompt_tokens, last.completion_tokens)
+
+        rows = await asyncio.gather(*[
+            asyncio.gather(*[one(prompt, choice_params) for _, prompt, choice_params
+                             in self._choices([prompt], params.model_copy(update={"n": copies}))])
+            for prompt in prompts])
+        return [list(row) * (params.n // copies) for row in rows]
+
     async def _run(self, fn, *args):
-        """One engine call at a time per replica, off the event loop so health checks and queueing go on."""
+        """One engine call at a time per replica (engines without continuous batching), off the event loop so
+        health checks and queueing go on."""
         async with self._engine_lock:
             try:
                 return await asyncio.to_thread(fn, *args)
             except UnsatisfiableSchema as e:
                 raise schema_error(e) from None
 
-    async def _deltas(self, prompt: str, params: SamplingParams, prefix) -> AsyncIterator:
+    async def _batched_deltas(self, prompt: str, params: SamplingParams, prefix, adapter) -> AsyncIterator:
+        """One sequence of the running batch, as its pieces arrive. However this ends (finished, failed, or the
+        client gone and this generator closed or cancelled), the sequence leaves the batch."""
+        loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
+        ids = self.engine.tokenizer(prompt, add_special_tokens=True).input_ids
+        sequence = Sequence(ids, params, lambda item: loop.call_soon_threadsafe(pieces.put_nowait, item),
+                            prefix=prefix, adapter=adapter)
+        self.batcher.submit(sequence)
+        try:
+            while True:
+                item = await pieces.get()
+                if isinstance(item, UnsatisfiableSchema):
+                    raise schema_error(item)
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finish_reason:
+                    return
+        finally:
+            self.batcher.cancel(sequence)
+
+    async def _deltas(self, prompt: str, params: SamplingParams, prefix, adapter) -> AsyncIterator:
+        if self.batcher is not None:
+            async for delta in self._batched_deltas(prompt, params, prefix, adapter):
+                yield delta
+            return
         async with self._engine_lock:
             deltas: Iterator = self.engine.stream(prompt, params, prefix)
             done = object()
@@ -369,12 +431,12 @@ class GeneratorServer:
                 seed = None if params.seed is None else params.seed + j
                 yield i * params.n + j, prompt, params.model_copy(update={"n": 1, "seed": seed})
 
-    async def _completion_events(self, body: oa.CompletionRequest, params: SamplingParams, prefix):
+    async def _completion_events(self, body: oa.CompletionRequest, params: SamplingParams, prefix, adapter):
         stream_id, prompt_tokens, completion_tokens = oa.new_id("cmpl"), 0, 0
         for index, prompt, choice_params in self._choices(body.prompts, params):
             if body.echo:
                 yield oa.completion_chunk(stream_id, body.model, index, prompt, None)
-            async for delta in self._deltas(prompt, choice_params, prefix):
+            async for delta in self._deltas(prompt, choice_params, prefix, adapter):
                 yield oa.completion_chunk(stream_id, body.model, index, delta.text, delta.finish_reason)
                 if delta.finish_reason:
                     completion_tokens += delta.completion_tokens
@@ -382,11 +444,12 @@ class GeneratorServer:
         if body.stream_options and body.stream_options.include_usage:
             yield oa.usage_chunk(stream_id, body.model, "text_completion", prompt_tokens, completion_tokens)
 
-    async def _chat_events(self, body: oa.ChatCompletionRequest, prompt: str, params: SamplingParams, prefix):
+    async def _chat_events(self, body: oa.ChatCompletionRequest, prompt: str, params: SamplingParams, prefix,
+                           adapter):
         stream_id, prompt_tokens, completion_tokens = oa.new_id("chatcmpl"), 0, 0
         for index, _, choice_params in self._choices([prompt], params):
             yield oa.chat_chunk(stream_id, body.model, index, {"role": "assistant", "content": ""}, None)
-            async for delta in self._deltas(prompt, choice_params, prefix):
+            async for delta in self._deltas(prompt, choice_params, prefix, adapter):
                 content = {"content": delta.text} if delta.text else {}
                 yield oa.chat_chunk(stream_id, body.model, index, content, delta.finish_reason)
                 if delta.finish_reason:
@@ -414,14 +477,15 @@ class GeneratorServer:
 
 def generator_app(model: str, *, engine: str = "transformers", engine_options: dict | None = None,
                   served_model_name: str | None = None, soft_prompts: dict[str, str] | None = None,
-                  api_key: str | None = None, default_max_tokens: int = 16,
+                  adapters: dict[str, str] | None = None, api_key: str | None = None, default_max_tokens: int = 16,
                   limits: oa.RequestLimits | dict | None = None, api_docs: bool = False,
                   autoscaling_config: dict | None = None, num_replicas: int | None = None, num_cpus: float = 1.0,
-                  num_gpus: float = 0.0, max_ongoing_requests: int = 8,
+                  num_gpus: float = 0.0, max_ongoing_requests: int = 32, max_batch_size: int = 32,
                   runtime_env: dict | None = None) -> serve.Application:
     """The bound application: ``autoscaling_config`` (Serve's own keys) or a fixed ``num_replicas``. ``limits``:
     what one request may ask (``RequestLimits`` or its fields; defaults otherwise); ``api_docs``: serve ``/docs``,
-    ``/redoc`` and ``/openapi.json``."""
+    ``/redoc`` and ``/openapi.json``; ``adapters``: model name -> PEFT LoRA folder; ``max_batch_size``: sequences
+    a replica decodes together (transformers engine)."""
     limits = oa.RequestLimits.model_validate(limits or {})
     if default_max_tokens > limits.max_tokens:  # every request without max_tokens would be refused
         raise ValueError(f"default_max_tokens ({default_max_tokens}) is above limits.max_tokens ({limits.max_tokens})")
@@ -437,5 +501,5 @@ def generator_app(model: str, *, engine: str = "transformers", engine_options: d
         engine_options = {"torch_threads": max(1, round(num_cpus)), **(engine_options or {})}
     return GeneratorServer.options(**options).bind(
         model, engine=engine, engine_options=engine_options, served_model_name=served_model_name,
-        soft_prompts=soft_prompts, api_key=api_key, default_max_tokens=default_max_tokens, limits=limits,
-        api_docs=api_docs)
+        soft_prompts=soft_prompts, adapters=adapters, api_key=api_key, default_max_tokens=default_max_tokens,
+        limits=limits, api_docs=api_docs, max_batch_size=max_batch_size)

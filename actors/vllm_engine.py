@@ -104,7 +104,8 @@ class VLLMEngine(Engine):
             # Spacing seeds by the largest n keeps the samples of different seeds apart.
             seed = seed * SEED_STRIDE % 2**63
         options = dict(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                       max_tokens=params.max_tokens, seed=seed, stop=params.stop or None)
+                       max_tokens=params.max_tokens, seed=seed, stop=params.stop or None,
+                       ignore_eos=params.ignore_eos)
         if params.top_k > 0:  # "no top-k" is -1 in older vLLM and 0 in newer: leave it at vLLM's default
             options["top_k"] = params.top_k
         if params.json_schema is not None:

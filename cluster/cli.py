@@ -403,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", metavar="NAME", help="model name clients ask for (default: folder name)")
     srv.add_argument("--soft-prompt", action="append", default=[], metavar="NAME=PATH",
                      help="serve a soft prompt as model NAME (repeatable)")
+    srv.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                     help="serve a PEFT LoRA folder (a finetune or preference output) as model NAME (repeatable)")
     _add_common(srv)
 
     models = sub.add_parser("models", help="model utilities (smollm2: the real small model; make-tiny: a tiny "
@@ -719,11 +721,13 @@ def recipe_from_serve_args(args: argparse.Namespace) -> Recipe:
     for flag in ("min_replicas", "max_replicas"):
         if getattr(args, flag) is not None:
             serve.setdefault("autoscaling", {})[flag] = getattr(args, flag)
-    for item in args.soft_prompt:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise RecipeError(f"--soft-prompt {item!r}: expected NAME=PATH")
-        serve.setdefault("soft_prompts", {})[name] = path
+    for flag, field, items in (("--soft-prompt", "soft_prompts", args.soft_prompt),
+                               ("--adapter", "adapters", args.adapter)):
+        for item in items:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise RecipeError(f"{flag} {item!r}: expected NAME=PATH")
+            serve.setdefault(field, {})[name] = path
     if "model" not in serve:
         raise RecipeError("serve: give --model, or a RECIPE with a serve section")
     return build_recipe(raw, source, base_dir, [] if args.recipe else args.overrides)

@@ -41,7 +41,7 @@ def serve_until_stopped(recipe: Recipe, echo: Callable[[str], None] = print,
         serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
         host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
         url = f"http://{host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
-        names = [served_model_name(cfg), *cfg.soft_prompts]
+        names = [served_model_name(cfg), *cfg.soft_prompts, *cfg.adapters]
         scale = cfg.autoscaling
         echo(f"Serving {', '.join(names)} ({cfg.engine}, {cfg.backend}) in {time.perf_counter() - started:.1f}s, "
              f"{scale.min_replicas}-{scale.max_replicas} replicas")

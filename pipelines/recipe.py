@@ -107,13 +107,20 @@ class ServeConfig(Strict):
                                            "(ray-serve-llm: vLLM engine_kwargs).")
     soft_prompts: dict[str, InputPath] = Field(default_factory=dict, description="Model name -> soft prompt file: each is "
                                          "served as a model of its own.")
+    adapters: dict[str, InputPath] = Field(default_factory=dict, description="Model name -> PEFT LoRA folder (a "
+                                           "finetune or preference output trained on this base): each is served as a "
+                                           "model of its own, all on the one base model in memory (engine "
+                                           "transformers).")
+    max_batch_size: int = Field(32, gt=0, description="Sequences a replica decodes together (continuous batching, "
+                                                      "engine transformers); more wait for a place.")
     host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on (0.0.0.0 in a cluster).")
     port: int = Field(8000, ge=1, le=65535)
     app_name: str = "generator"
     route_prefix: str = "/"
     num_cpus: float = Field(1.0, gt=0, description="CPUs per replica (torch threads on CPU).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica.")
-    max_ongoing_requests: int = Field(8, gt=0, description="Requests a replica accepts before Serve queues them.")
+    max_ongoing_requests: int = Field(32, gt=0, description="Requests a replica accepts before Serve queues them "
+                                                            "(those it accepts are generated together).")
     default_max_tokens: int = Field(16, gt=0, description="max_tokens of a request that sets none (OpenAI's 16).")
     api_key_env: Optional[str] = Field("DOMAINSYNTH_API_KEY", description="Environment variable holding the API "
                                        "key clients must send; unset or empty variable = no key required.")
@@ -127,8 +134,14 @@ class ServeConfig(Strict):
         if self.backend == "ray-serve-llm" and (self.soft_prompts or self.engine != "vllm"):
             raise ValueError("backend ray-serve-llm serves vLLM without soft prompts: set engine: vllm and no "
                              "soft_prompts, or use backend domainsynth")
-        if self.served_model_name and self.served_model_name in self.soft_prompts:
-            raise ValueError(f"soft_prompts: {self.served_model_name!r} is the base model's name")
+        if self.adapters and (self.backend != "domainsynth" or self.engine != "transformers"):
+            raise ValueError("adapters: served by backend domainsynth with engine transformers only (vLLM's LoRA "
+                             "serving is not wired in yet); merge the adapter (finetune.merge) to serve it there")
+        for name in set(self.soft_prompts) & set(self.adapters):
+            raise ValueError(f"adapters: {name!r} is a soft prompt's name too")
+        for field in ("soft_prompts", "adapters"):
+            if self.served_model_name and self.served_model_name in getattr(self, field):
+                raise ValueError(f"{field}: {self.served_model_name!r} is the base model's name")
         return self
 
 

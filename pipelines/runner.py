@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import re
 from typing import Callable
 
@@ -55,6 +56,11 @@ def preflight(recipe: Recipe) -> None:
             check_model("serve.model", recipe.serve.model)
         for name, path in recipe.serve.soft_prompts.items():
             check_soft_prompt(f"serve.soft_prompts.{name}", path)
+        from .serve import check_adapters
+
+        # An adapter this run trains (a finetune output) is checked when the endpoint starts.
+        check_adapters({name: path for name, path in recipe.serve.adapters.items()
+                        if not recipe.has_stage() or os.path.exists(path)})
 
 
 def run_recipe(recipe: Recipe, echo: Callable[[str], None] = print) -> dict[str, dict]:

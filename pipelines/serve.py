@@ -4,6 +4,7 @@ engine (``backend: domainsynth``; soft prompts, CPU or GPU), or Ray's own vLLM a
 
 from __future__ import annotations
 
+import json
 import os
 
 from .recipe import ServeConfig
@@ -34,9 +35,25 @@ def build_application(cfg: ServeConfig):
 
     return generator_app(
         cfg.model, engine=cfg.engine, engine_options=cfg.engine_options, served_model_name=served_model_name(cfg),
-        soft_prompts=cfg.soft_prompts, api_key=api_key(cfg), default_max_tokens=cfg.default_max_tokens,
-        limits=cfg.limits, api_docs=cfg.api_docs, autoscaling_config=autoscaling_config(cfg), num_cpus=cfg.num_cpus,
-        num_gpus=cfg.num_gpus, max_ongoing_requests=cfg.max_ongoing_requests)
+        soft_prompts=cfg.soft_prompts, adapters=check_adapters(cfg.adapters), api_key=api_key(cfg),
+        default_max_tokens=cfg.default_max_tokens, limits=cfg.limits, api_docs=cfg.api_docs,
+        autoscaling_config=autoscaling_config(cfg), num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+        max_ongoing_requests=cfg.max_ongoing_requests, max_batch_size=cfg.max_batch_size)
+
+
+def check_adapters(adapters: dict[str, str]) -> dict[str, str]:
+    """Each folder is a PEFT LoRA adapter (its adapter_config.json says so), checked before anything starts; that
+    it fits the base model is checked when a replica loads it."""
+    for name, path in adapters.items():
+        try:
+            with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+                kind = json.load(f).get("peft_type")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"serve.adapters.{name}: {path} is not a PEFT adapter folder (no readable "
+                             f"adapter_config.json: {getattr(e, 'strerror', None) or e})") from None
+        if kind != "LORA":
+            raise ValueError(f"serve.adapters.{name}: {path} holds a {kind} adapter; expected LoRA")
+    return adapters
 
 
 def app_builder(args: dict):
