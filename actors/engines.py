@@ -163,16 +163,17 @@ class Engine(ABC):
 
 def load_engine(model: str, kind: str = "transformers", **options) -> Engine:
     """The engine of ``kind`` for ``model`` (a Hugging Face id, a folder, or a model this project can make, e.g.
-    ``smollm2``); ``options`` go to its constructor."""
+    ``smollm2``); ``options`` go to its constructor (``asynchronous=True`` with vLLM: the serving engine)."""
     from .smollm2 import resolve_model
 
     model = resolve_model(model)
     if kind == "transformers":
         return TransformersEngine(model, **options)
     if kind == "vllm":
-        from .vllm_engine import VLLMEngine
+        from .vllm_engine import AsyncVLLMEngine, VLLMEngine
 
-        return VLLMEngine(model, **options)
+        # asynchronous: vLLM's AsyncLLM, for a Serve replica (requests join one running batch, stream, abort)
+        return AsyncVLLMEngine(model, **options) if options.pop("asynchronous", False) else VLLMEngine(model, **options)
     raise ValueError(f"engine: expected one of {', '.join(ENGINE_KINDS)}, got {kind!r}")
 
 

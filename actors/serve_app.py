@@ -14,8 +14,10 @@ Domains are models of their own on one base model in memory: a soft prompt (``so
 prompt's tokens, a LoRA adapter (``adapters``, PEFT folders) changes the weights for its rows only. With the
 transformers engine, requests that arrive together are generated together (``actors/continuous_batching.py``): a
 replica decodes up to ``max_batch_size`` sequences, of any domains, lengths and parameters, in each step, and a
-sequence whose client disconnects leaves the batch at the next step. The vLLM engine runs one request's batch at a
-time. Requests a replica holds count as its ongoing requests, which is what Serve's autoscaler scales on.
+sequence whose client disconnects leaves the batch at the next step. With the vLLM engine the replica holds vLLM's
+``AsyncLLM`` (``AsyncVLLMEngine``), which does the same across requests, streams token by token and aborts a
+request whose client left. Requests a replica holds count as its ongoing requests, which Serve's autoscaler scales
+on.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the route signatures' types at run time, inside a
@@ -234,7 +236,11 @@ class GeneratorServer:
                  served_model_name: Optional[str] = None, soft_prompts: Optional[dict] = None,
                  adapters: Optional[dict] = None, api_key: Optional[str] = None, default_max_tokens: int = 16,
                  limits: Optional[oa.RequestLimits] = None, api_docs: bool = False, max_batch_size: int = 32):
-        self.engine = load_engine(model, engine, **(engine_options or {}))
+        if engine == "vllm":  # vLLM's AsyncLLM: its own continuous batching, token streaming, LoRA requests
+            self.engine = load_engine(model, engine, asynchronous=True, adapters=adapters, **(engine_options or {}))
+        else:
+            self.engine = load_engine(model, engine, **(engine_options or {}))
+            self.engine.load_adapters(adapters or {})  # a folder that is not a LoRA of this base fails here
         self.engine_kind = engine
         self.base_model = served_model_name or os.path.basename(model.rstrip("/"))
         # model name -> (soft prompt or None, LoRA adapter name or None)
@@ -243,19 +249,13 @@ class GeneratorServer:
             prefix = load_soft_prompt(path)
             self.engine.check_prefix(prefix)  # a prompt of the wrong width fails the replica at start, not later
             self.domains[name] = (prefix, None)
-        if adapters:
-            if not hasattr(self.engine, "load_adapters"):
-                raise ValueError(f"serve.adapters: the {engine} engine does not serve LoRA adapters yet; use engine "
-                                 f"transformers, or merge the adapter (finetune.merge) and serve the merged model")
-            self.engine.load_adapters(adapters)  # a folder that is not a LoRA of this base fails here, naming it
-            self.domains.update({name: (None, name) for name in adapters})
-        # Continuous batching where this process runs the model step by step; vLLM's offline LLM batches per call.
+        self.domains.update({name: (None, name) for name in adapters or {}})
+        # Continuous batching: ours where this process runs the model step by step, vLLM's own otherwise.
         self.batcher = ContinuousBatcher(self.engine, max_batch_size) if engine == "transformers" else None
         self.api_key = api_key
         self.default_max_tokens = default_max_tokens
         self.limits = limits or oa.RequestLimits()
         self.api_docs = api_docs
-        self._engine_lock = asyncio.Lock()
         self._fields_logged: set[str] = set()
 
     @api.get("/health")
@@ -364,7 +364,7 @@ class GeneratorServer:
         """``params.n`` completions for each prompt. Batched: each prompt's choices are sequences of the running
         batch (a seeded choice j samples with seed + j, as when streamed; greedy choices are written once)."""
         if self.batcher is None:
-            return await self._run(self.engine.generate, prompts, params, prefix)
+            return await self.engine.generate_async(prompts, params, prefix, adapter)
         copies = 1 if effective_temperature(params.temperature) == 0 else params.n
 
         async def one(prompt: str, choice_params: SamplingParams) -> Completion:
@@ -378,15 +378,6 @@ class GeneratorServer:
                              in self._choices([prompt], params.model_copy(update={"n": copies}))])
             for prompt in prompts])
         return [list(row) * (params.n // copies) for row in rows]
-
-    async def _run(self, fn, *args):
-        """One engine call at a time per replica (engines without continuous batching), off the event loop so
-        health checks and queueing go on."""
-        async with self._engine_lock:
-            try:
-                return await asyncio.to_thread(fn, *args)
-            except UnsatisfiableSchema as e:
-                raise schema_error(e) from None
 
     async def _batched_deltas(self, prompt: str, params: SamplingParams, prefix, adapter) -> AsyncIterator:
         """One sequence of the running batch, as its pieces arrive. However this ends (finished, failed, or the
@@ -410,18 +401,13 @@ class GeneratorServer:
             self.batcher.cancel(sequence)
 
     async def _deltas(self, prompt: str, params: SamplingParams, prefix, adapter) -> AsyncIterator:
-        if self.batcher is not None:
-            async for delta in self._batched_deltas(prompt, params, prefix, adapter):
+        pieces = (self._batched_deltas(prompt, params, prefix, adapter) if self.batcher is not None
+                  else self.engine.stream_async(prompt, params, prefix, adapter))
+        try:
+            async for delta in pieces:
                 yield delta
-            return
-        async with self._engine_lock:
-            deltas: Iterator = self.engine.stream(prompt, params, prefix)
-            done = object()
-            try:
-                while (delta := await asyncio.to_thread(next, deltas, done)) is not done:
-                    yield delta
-            except UnsatisfiableSchema as e:
-                raise schema_error(e) from None
+        finally:
+            await pieces.aclose()  # the client left mid-stream: the sequence leaves the batch now
 
     def _choices(self, prompts: list[str], params: SamplingParams) -> Iterator[tuple[int, str, SamplingParams]]:
         """(choice index, prompt, params) for each streamed choice: choices are written one after another, and with

