@@ -39,6 +39,9 @@ class Sequence:
     cancelled: bool = False
     # written by the scheduler
     generated: list[int] = field(default_factory=list)
+    text: str = ""  # what the generated tokens spell, as far as it is settled
+    prefix_offset: int = 0  # incremental decoding: tokens from here on are decoded again for the next token
+    read_offset: int = 0  # ... of which those before this one are already in ``text``
     sent: int = 0  # characters of text already emitted
     done: bool = False
     generator: object = None
@@ -250,20 +253,29 @@ class ContinuousBatcher:
             self._finish(s, "stop")
             return token
         s.generated.append(token)
-        text = self.tokenizer.decode(s.generated, skip_special_tokens=True)
-        cut = _first_stop(text, s.params.stop)
-        if cut >= 0:
-            self._finish(s, "stop", text[:cut])
+        self._extend_text(s)
+        if _first_stop(s.text, s.params.stop) >= 0:
+            self._finish(s, "stop")
         elif counted >= s.params.max_tokens:
-            self._finish(s, "length", text)
+            self._finish(s, "length")
         else:
-            # Hold back what could still become a stop string, and a character still being spelt byte by byte.
-            hold_back = max((len(stop) - 1 for stop in s.params.stop), default=0)
-            safe = len(text.rstrip("\ufffd")) - hold_back
+            # Hold back what could still become a stop string.
+            safe = len(s.text) - max((len(stop) - 1 for stop in s.params.stop), default=0)
             if safe > s.sent:
-                s.emit(Delta(text[s.sent:safe]))
+                s.emit(Delta(s.text[s.sent:safe]))
                 s.sent = safe
         return token
+
+    def _extend_text(self, s: Sequence) -> None:
+        """Add to ``s.text`` what the newest token spells, decoding only the last few tokens (as vLLM's incremental
+        detokenizer does): from the tokens already spelt before them, so that a tokenizer that spells a leading
+        space from context spells it the same; a character still being spelt byte by byte waits for its last byte.
+        Decoding everything each step would cost a sequence time quadratic in its length."""
+        before = self.tokenizer.decode(s.generated[s.prefix_offset:s.read_offset], skip_special_tokens=True)
+        after = self.tokenizer.decode(s.generated[s.prefix_offset:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            s.text += after[len(before):]
+            s.prefix_offset, s.read_offset = s.read_offset, len(s.generated)
 
     def _pick(self, s: Sequence, logits) -> int:
         import torch
@@ -283,9 +295,12 @@ class ContinuousBatcher:
             s.matcher.accept_token(token)
         return token
 
-    def _finish(self, s: Sequence, reason: str, text: Optional[str] = None) -> None:
-        if text is None:
-            text = self.tokenizer.decode(s.generated, skip_special_tokens=True)
+    def _finish(self, s: Sequence, reason: str) -> None:
+        """The last piece: the whole completion decoded at once (what ``generate`` returns), cut before its first
+        stop string."""
+        text = self.tokenizer.decode(s.generated, skip_special_tokens=True)
+        cut = _first_stop(text, s.params.stop)
+        if cut >= 0:  # the stop string itself is not returned (OpenAI's convention)
+            text, reason = text[:cut], "stop"
         s.done = True
         s.emit(Delta(text[s.sent:], reason, len(s.prompt_ids), len(s.generated)))
-
