@@ -206,13 +206,15 @@ def main() -> None:
                         help="with --engine vllm: then the same load against `vllm serve` (vLLM's own OpenAI "
                              "server) with the same engine settings")
     parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM's KV cache (both servers)")
+    parser.add_argument("--no-domains", action="store_true", help="serve the base model only (with vLLM, LoRA "
+                                                                   "adapters slow every request: compare with this)")
     args = parser.parse_args()
 
     from domainsynth.actors.smollm2 import smollm2_folder
 
     model_dir = smollm2_folder()[0]
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    soft, loras = make_domains(model_dir, work)
+    soft, loras = make_domains(model_dir, work) if not args.no_domains else ({}, {})
     vllm_options = {"max_model_len": 2048, "kv_cache_memory_bytes": int(args.kv_cache_gib * 2**30), "seed": 0}
     port = free_port()
     recipe = work / "serve.yaml"
