@@ -46,7 +46,7 @@ def loop():
 
 
 @pytest.fixture(scope="module")
-def engine(tiny, adapters):
+def engine(tiny, adapters, loop):  # closed before its event loop is
     served = load_engine(tiny, kind="vllm", asynchronous=True, adapters=adapters, **SMALL)  # as a replica makes it
     yield served
     served.close()
