@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterator, Literal, Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -110,12 +109,6 @@ class Engine(ABC):
                  prefix: np.ndarray | None = None) -> list[list[Completion]]:
         """``params.n`` completions for each prompt, in order. ``prefix``: ``[m, hidden_size]`` embeddings placed
         before every prompt (a soft prompt)."""
-
-    def stream(self, prompt: str, params: SamplingParams, prefix: np.ndarray | None = None) -> Iterator[Delta]:
-        """One completion (``params.n`` is ignored) as it is written. This default sends it whole, as one delta;
-        engines that decode step by step in this process override it."""
-        c = self.generate([prompt], params.model_copy(update={"n": 1}), prefix)[0][0]
-        yield Delta(c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens)
 
     def context_overflow(self, prompt: str, params: SamplingParams, prefix: np.ndarray | None = None,
                          tokens: int | None = None) -> str | None:
@@ -219,42 +212,7 @@ class TransformersEngine(Engine):
         return [[self._completion(out[i * params.n + j], prompt_tokens, params) for j in range(params.n)]
                 for i, prompt_tokens in enumerate(lengths)]
 
-    def stream(self, prompt: str, params: SamplingParams, prefix: np.ndarray | None = None) -> Iterator[Delta]:
-        """Text as the model writes it (transformers' ``TextIteratorStreamer``, generation in a thread). The
-        last few characters are held back while they could be the start of a stop string, so a stop string is
-        never sent."""
-        from transformers import TextIteratorStreamer
-
-        params = params.model_copy(update={"n": 1})
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        result: dict = {}
-
-        def run() -> None:
-            try:
-                result["tokens"] = self._generate_tokens([prompt], params, prefix, streamer)
-            except BaseException as e:  # surfaced below, in the caller's thread
-                result["error"] = e
-                streamer.end()
-
-        thread = threading.Thread(target=run, name="generate-stream", daemon=True)
-        thread.start()
-        hold_back = max((len(s) - 1 for s in params.stop), default=0)
-        text, sent = "", 0
-        for piece in streamer:
-            text += piece
-            safe = len(text) - hold_back
-            if _first_stop(text, params.stop) < 0 and safe > sent:
-                yield Delta(text[sent:safe])
-                sent = safe
-        thread.join()
-        if "error" in result:
-            raise result["error"]
-        out, lengths = result["tokens"]
-        final = self._completion(out[0], lengths[0], params)
-        yield Delta(final.text[sent:], final.finish_reason, final.prompt_tokens, final.completion_tokens)
-
-    def _generate_tokens(self, prompts: Sequence[str], params: SamplingParams, prefix: np.ndarray | None,
-                         streamer=None):
+    def _generate_tokens(self, prompts: Sequence[str], params: SamplingParams, prefix: np.ndarray | None):
         """The generated token ids (``len(prompts) * n`` rows) and each prompt's token count."""
         import torch
         from transformers import LogitsProcessorList
@@ -295,7 +253,7 @@ class TransformersEngine(Engine):
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=None if params.ignore_eos else self.tokenizer.eos_token_id,
                 stop_strings=params.stop or None, tokenizer=self.tokenizer if params.stop else None,
-                logits_processor=processors, streamer=streamer)
+                logits_processor=processors)
         if copies != params.n:
             out = out.repeat_interleave(params.n, dim=0)
         return out, lengths

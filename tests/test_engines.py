@@ -74,16 +74,36 @@ def test_stop_strings_end_the_completion_before_the_stop(engine):
 
 
 def test_streaming_writes_the_same_text_in_pieces_and_never_sends_a_stop_string(engine):
+    """How the endpoint streams from this engine: its continuous batcher's pieces."""
+    import threading
+
+    from domainsynth.actors.continuous_batching import ContinuousBatcher, Sequence
+
+    batcher = ContinuousBatcher(engine, max_batch_size=2)
+
+    def stream(params):
+        pieces, done = [], threading.Event()
+
+        def emit(item):
+            pieces.append(item)
+            if isinstance(item, Exception) or item.finish_reason:
+                done.set()
+
+        batcher.submit(Sequence(engine.tokenizer("The patient was").input_ids, params, emit))
+        assert done.wait(60)
+        return pieces
+
     params = SamplingParams(max_tokens=20, temperature=0)
     whole = engine.generate(["The patient was"], params)[0][0]
-    deltas = list(engine.stream("The patient was", params))
+    deltas = stream(params)
     assert "".join(d.text for d in deltas) == whole.text and len([d for d in deltas if d.text]) > 3
     assert deltas[-1].finish_reason == whole.finish_reason
     assert deltas[-1].completion_tokens == whole.completion_tokens and all(d.finish_reason is None for d in deltas[:-1])
     stop = whole.text[len(whole.text) // 2:len(whole.text) // 2 + 3]
-    stopped = list(engine.stream("The patient was", params.model_copy(update={"stop": [stop]})))
+    stopped = stream(params.model_copy(update={"stop": [stop]}))
     text = "".join(d.text for d in stopped)
     assert stop not in text and whole.text.startswith(text) and stopped[-1].finish_reason == "stop"
+    assert not any(stop in d.text for d in stopped)
 
 
 @pytest.mark.parametrize("field, value", [("temperature", 3.0), ("top_p", 0.0), ("max_tokens", 0), ("n", 0),
