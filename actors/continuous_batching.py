@@ -128,8 +128,10 @@ class ContinuousBatcher:
             lora.select([lora.slot(s.adapter) for s in sequences])
         try:
             with torch.no_grad():
+                # logits_to_keep=1: only the last position's (a prompt's other positions would cost the output
+                # layer once per prompt token for nothing)
                 out = self.engine.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                        past_key_values=cache, use_cache=True)
+                                        past_key_values=cache, use_cache=True, logits_to_keep=1)
         finally:
             if lora is not None:
                 lora.select(None)
