@@ -15,7 +15,9 @@ import pytest
 
 from domainsynth.actors.engines import SamplingParams, TransformersEngine, load_engine
 
-from test_continuous_batching import make_lora
+from domainsynth.actors.continuous_batching import ContinuousBatcher
+
+from test_continuous_batching import make_lora, submit_all
 
 pytestmark = pytest.mark.vllm_cpu
 
@@ -74,6 +76,7 @@ def test_requests_stream_token_by_token_what_transformers_writes(engine, referen
 
 
 def test_requests_sent_together_get_what_each_gets_alone_adapters_included(engine, reference, loop):
+    batcher = ContinuousBatcher(reference, 4)  # our transformers engine's continuous batcher
     cases = [(prompt, adapter) for prompt in PROMPTS for adapter in (None, "cardiology", "oncology")]
     alone = [loop.run_until_complete(stream(engine, p, adapter=a)) for p, a in cases]
 
@@ -87,29 +90,9 @@ def test_requests_sent_together_get_what_each_gets_alone_adapters_included(engin
     # transformers' decode writes U+FFFD for them.)
     for (prompt, adapter), text in zip(cases, texts(alone)):
         if adapter is not None:
-            ours = "".join(d.text for d in _batched(reference, prompt, adapter))
+            ours = submit_all(batcher, reference, [(prompt, GREEDY, None, adapter)])[0][0]
             assert text.rstrip("\ufffd") == ours.rstrip("\ufffd")
     assert texts(alone)[1] != texts(alone)[0]  # the adapter changes the text
-
-
-def _batched(reference, prompt: str, adapter: str):
-    """Our transformers engine's greedy text for one sequence with ``adapter`` (its continuous batcher)."""
-    import threading
-
-    from domainsynth.actors.continuous_batching import ContinuousBatcher, Sequence
-
-    batcher = getattr(reference, "_test_batcher", None) or ContinuousBatcher(reference, 4)
-    reference._test_batcher = batcher
-    pieces, done = [], threading.Event()
-
-    def emit(item):
-        pieces.append(item)
-        if isinstance(item, Exception) or item.finish_reason:
-            done.set()
-
-    batcher.submit(Sequence(reference.tokenizer(prompt).input_ids, GREEDY, emit, adapter=adapter))
-    assert done.wait(60)
-    return pieces
 
 
 def test_a_closed_stream_is_aborted_in_vllm(engine, loop):
