@@ -13,9 +13,8 @@ import tempfile
 import numpy as np
 import pytest
 
-from domainsynth.actors.engines import SamplingParams, TransformersEngine, load_engine
-
 from domainsynth.actors.continuous_batching import ContinuousBatcher
+from domainsynth.actors.engines import SamplingParams, TransformersEngine, load_engine
 
 from test_continuous_batching import make_lora, submit_all
 
